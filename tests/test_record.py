@@ -1,0 +1,273 @@
+"""record.py: log parsing, cap refusals, statistics (t distribution without scipy), results.md/submission.json."""
+import datetime
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import record
+
+REPO = Path(__file__).resolve().parents[1]
+LOGS = REPO / "tests" / "fixtures" / "logs"
+SEEDS3 = [LOGS / "train_seed42.log", LOGS / "train_seed0.log", LOGS / "train_seed1234.log"]
+
+
+def run_main(argv, capsys):
+    rc = record.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def variant(tmp_path, src, name, edit):
+    """A copy of fixture `src` with `edit(text) -> text` applied."""
+    path = tmp_path / name
+    path.write_text(edit((LOGS / src).read_text()))
+    return path
+
+
+# ---------------- parsing ----------------
+def test_parse_our_format_without_spaces():
+    r = record.parse_log(LOGS / "train_seed42.log")
+    assert r["seed"] == 42 and r["world_size"] == 8
+    assert r["pre"] == (2.354, 1.07) and r["quant"] == (2.376, 1.08) and r["ttt"] == (2.332, 1.06)
+    assert (r["steps"], r["iterations"]) == (4921, 20000)
+    assert r["train_time_s"] == pytest.approx(596.107)
+    assert r["eval_time_s"] == pytest.approx(488.8) and r["eval_wall_s"] == pytest.approx(652.3)
+    assert (r["artifact_bytes"], r["model_bytes"], r["code_bytes"]) == (15932307, 15903987, 28320)
+    assert r["compressor"] == "brotli" and r["transform"] == "caseops"
+    assert r["torch_version"] == "2.11.0+cu130" and r["peak_mib"] == 40029 and r["not_valid"] is False
+    assert r["hp"]["train_batch_tokens"] == "786432"
+
+
+def test_parse_spaces_after_colons():
+    r = record.parse_log(LOGS / "train_seed0.log")
+    assert "val_loss: 2.33420000" in (LOGS / "train_seed0.log").read_text()  # the fixture really is spaced
+    assert r["seed"] == 0 and r["ttt"] == (2.3342, 1.061) and r["pre"] == (2.3562, 1.071)
+    assert r["quant"] == (2.3782, 1.081)
+    assert r["steps"] == 4866 and r["train_time_s"] == pytest.approx(596.114)
+    assert r["eval_time_s"] == pytest.approx(482.0) and r["eval_wall_s"] == pytest.approx(645.5)
+    assert (r["artifact_bytes"], r["code_bytes"], r["peak_mib"]) == (15935802, 28320, 40029)
+
+
+def test_parse_public_style_lzma_log():
+    r = record.parse_log(LOGS / "train_seed1234.log")
+    assert r["compressor"] == "lzma" and r["model_bytes"] == 15914786 and r["artifact_bytes"] == 15943106
+    assert r["transform"] is None and r["torch_version"] is None and r["eval_wall_s"] is None
+    assert r["ttt"] == (2.3364, 1.062) and r["eval_time_s"] == pytest.approx(494.6)
+
+
+def test_parse_run_reaching_iterations_uses_last_step_line():
+    r = record.parse_log(LOGS / "iterations_seed7.log")
+    assert "stopping_early" not in (LOGS / "iterations_seed7.log").read_text()
+    assert (r["steps"], r["iterations"]) == (3000, 3000)
+    assert r["train_time_s"] == pytest.approx(9.5 * 60)
+
+
+def test_train_time_prefers_ms_figure(tmp_path):
+    # a ms figure on the last step beats the minutes figure of the same step, whatever the line order
+    p = variant(tmp_path, "iterations_seed7.log", "ms.log", lambda t: t.replace(
+        "3000/3000 val_loss:2.4000", "3000/3000 val_loss:2.4000 train_time: 571234ms"))
+    assert record.parse_log(p)["train_time_s"] == pytest.approx(571.234)
+    p = variant(tmp_path, "iterations_seed7.log", "ms_first.log", lambda t: t.replace(
+        "3000/3000 train_loss:2.5000", "3000/3000 val_loss:2.4100 train_time:571234ms\n3000/3000 train_loss:2.5000"))
+    assert record.parse_log(p)["train_time_s"] == pytest.approx(571.234)
+    # but a later step wins over an earlier ms figure
+    p = variant(tmp_path, "iterations_seed7.log", "ms2.log", lambda t: t.replace(
+        "1000/3000 val_loss:2.4667", "1000/3000 val_loss:2.4667 train_time:190000ms"))
+    assert record.parse_log(p)["train_time_s"] == pytest.approx(570.0)
+
+
+def test_older_step_prefix_and_pergroup_compressor(tmp_path):
+    p = variant(tmp_path, "iterations_seed7.log", "old.log", lambda t: t.replace(
+        "3000/3000 train_loss:2.5000 train_time:9.5m", "step:3000/3000 train_loss:2.5000 train_time:571000ms")
+        .replace("3000/3000 val_loss", "2999/3000 val_loss").replace("quantized+brotli", "quantized+pergroup"))
+    r = record.parse_log(p)
+    assert r["steps"] == 3000 and r["train_time_s"] == pytest.approx(571.0) and r["compressor"] == "pergroup"
+
+
+def test_seed_from_file_name_without_hyperparameters(tmp_path):
+    text = (LOGS / "train_seed42.log").read_text().replace("  seed: 42\n", "")
+    p = tmp_path / "train_seed314.log"
+    p.write_text(text)
+    assert record.parse_log(p)["seed"] == 314
+
+
+def test_curves_collected_for_plot():
+    r = record.parse_log(LOGS / "train_seed42.log")
+    assert [c[0] for c in r["curve"]] == [1, 2, 500, 1000, 2000, 4921]
+    assert r["curve"][-1][1] == pytest.approx(9.9 * 60) and r["curve"][-1][2] == pytest.approx(2.5)
+    assert r["val_curve"] == [(1000, pytest.approx(1.1271)), (4921, pytest.approx(1.0909))]
+
+
+# ---------------- statistics ----------------
+@pytest.mark.parametrize("t,dof,p", [(2.92, 2, 0.05), (6.965, 2, 0.01), (1.812, 10, 0.05), (2.764, 10, 0.01),
+                                     (2.457, 30, 0.01), (1.310, 30, 0.10), (6.314, 1, 0.05), (31.821, 1, 0.01)])
+def test_t_sf_matches_t_table(t, dof, p):
+    assert record.t_sf(t, dof) == pytest.approx(p, abs=2e-4)
+    assert record.t_cdf(-t, dof) == pytest.approx(p, abs=2e-4)
+
+
+def test_t_distribution_closed_forms():
+    for t in (-7.0, -1.3, -0.2, 0.0, 0.4, 1.0, 2.5, 9.0, 40.0):
+        cauchy = 0.5 + math.atan(t) / math.pi                       # dof = 1
+        two = 0.5 + t / (2 * math.sqrt(t * t + 2))                  # dof = 2
+        assert record.t_cdf(t, 1) == pytest.approx(cauchy, abs=1e-12)
+        assert record.t_cdf(t, 2) == pytest.approx(two, abs=1e-12)
+        normal = 0.5 * (1 + math.erf(t / math.sqrt(2)))             # dof -> infinity
+        assert record.t_cdf(t, 10**7) == pytest.approx(normal, abs=1e-6)
+    assert record.t_sf(math.inf, 2) == 0.0 and record.t_sf(-math.inf, 2) == 1.0
+
+
+def test_betainc_against_scipy():
+    special = pytest.importorskip("scipy.special")
+    for a, b, x in [(0.5, 0.5, 0.3), (1.0, 0.5, 0.9), (15.0, 0.5, 0.95), (2.5, 7.0, 0.2), (40.0, 3.0, 0.93)]:
+        assert record.betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10, abs=1e-14)
+
+
+def three_seed_stats(baseline):
+    return record.stats([record.parse_log(p) for p in SEEDS3], baseline)
+
+
+def test_mean_and_both_stds_hand_computed():
+    s = three_seed_stats(1.06108)
+    # val_loss 2.332, 2.3342, 2.3364: deviations -0.0022, 0, +0.0022
+    assert s["loss_mean"] == pytest.approx(2.3342, abs=1e-12)
+    assert s["loss_std_pop"] == pytest.approx(math.sqrt(2 * 0.0022 ** 2 / 3), abs=1e-12)
+    assert s["loss_std_sample"] == pytest.approx(0.0022, abs=1e-12)
+    assert s["bpb_mean"] == pytest.approx(1.061, abs=1e-12)
+    assert s["bpb_std_pop"] == pytest.approx(0.001 * math.sqrt(2 / 3), abs=1e-12)
+    assert s["bpb_std_sample"] == pytest.approx(0.001, abs=1e-12)
+
+
+def test_significance_test_values():
+    s = three_seed_stats(1.066)
+    assert s["nats_per_bpb"] == pytest.approx(2.2, abs=1e-12)
+    assert s["baseline_nats"] == pytest.approx(1.066 * 2.2)
+    assert s["threshold_bpb"] == pytest.approx(0.005 / 2.2)
+    assert s["delta_bpb"] == pytest.approx(-0.005) and s["delta_nats"] == pytest.approx(-0.011)
+    t = (1.066 * 2.2 - 0.005 - 2.3342) / (0.0022 / math.sqrt(3))       # = 4.7238
+    assert s["dof"] == 2 and s["t"] == pytest.approx(t) and s["t"] == pytest.approx(4.7238, abs=1e-4)
+    assert s["p"] == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)), rel=1e-9)   # ~0.0210
+    worse = three_seed_stats(1.06108)    # mean is not 0.005 nats below: t < 0, p > 0.5
+    assert worse["t"] < 0 and worse["p"] > 0.5
+
+
+def test_single_seed_has_no_t_test(tmp_path, capsys):
+    rc, out, _ = run_main([LOGS / "train_seed42.log", "--out", tmp_path], capsys)
+    assert rc == 0 and "no t-test possible" in out
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert sub["p_value"] is None and sub["compliance"]["three_seeds"] is False
+
+
+# ---------------- refusals ----------------
+def test_refuses_truncated_log_even_with_allow(tmp_path, capsys):
+    for extra in ([], ["--allow-non-record"]):
+        rc, _, err = run_main([LOGS / "truncated.log", "--out", tmp_path, *extra], capsys)
+        assert rc == 2
+        assert "truncated.log" in err and "truncated" in err and "quantized_ttt_phased" in err
+    assert not (tmp_path / "submission.json").exists()
+
+
+def test_refuses_over_cap_unless_allowed(tmp_path, capsys):
+    rc, _, err = run_main([*SEEDS3, LOGS / "over_cap.log", "--out", tmp_path], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "over_cap.log" in err and "16,000,123" in err and "NOT A VALID RECORD" in err
+    rc, _, _ = run_main([*SEEDS3, LOGS / "over_cap.log", "--out", tmp_path, "--allow-non-record"], capsys)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert rc == 0 and sub["compliance"]["artifact_under_16mb"] is False and sub["artifact_bytes_max"] == 16000123
+
+
+def test_refuses_casefold_unless_allowed(tmp_path, capsys):
+    rc, _, err = run_main([LOGS / "casefold.log", "--out", tmp_path], capsys)
+    assert rc == 2 and "casefold.log" in err and "casefold" in err.split("casefold.log", 1)[1]
+    rc, out, _ = run_main([LOGS / "casefold.log", "--out", tmp_path, "--allow-non-record"], capsys)
+    assert rc == 0 and "casefold (LOSSY" in out
+
+
+def test_refuses_not_valid_record_line_but_not_source_code_string(tmp_path, capsys):
+    flagged = variant(tmp_path, "train_seed42.log", "flagged.log",
+                      lambda t: t + "size check: NOT A VALID RECORD\n")
+    rc, _, err = run_main([flagged, "--out", tmp_path], capsys)
+    assert rc == 2 and "flagged.log" in err and "NOT A VALID RECORD" in err
+    source = variant(tmp_path, "train_seed42.log", "source.log",
+                     lambda t: t + '        log0(f"{total} bytes: NOT A VALID RECORD")\n')
+    assert run_main([source, "--out", tmp_path], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("old,new,reason", [
+    ("train_time:596107ms", "train_time:600001ms", "train time 600.001 s"),
+    ("total_eval_time:488.8s", "total_eval_time:600.5s", "total_eval_time 600.5 s"),
+])
+def test_refuses_time_over_cap(tmp_path, capsys, old, new, reason):
+    p = variant(tmp_path, "train_seed42.log", "slow.log", lambda t: t.replace(old, new))
+    rc, _, err = run_main([p, "--out", tmp_path], capsys)
+    assert rc == 2 and "slow.log" in err and reason in err
+
+
+def test_refuses_duplicate_seed_and_missing_file(tmp_path, capsys):
+    rc, _, err = run_main([LOGS / "train_seed42.log", LOGS / "train_seed42.log", "--out", tmp_path], capsys)
+    assert rc == 2 and "seed 42 already given" in err
+    rc, _, err = run_main([tmp_path / "nope.log", "--out", tmp_path], capsys)
+    assert rc == 2 and "nope.log" in err and "cannot read" in err
+
+
+# ---------------- outputs ----------------
+def test_submission_json_contents(tmp_path, capsys):
+    rc, _, _ = run_main([*SEEDS3, "--out", tmp_path, "--baseline-bpb", "1.066", "--author", "A. Person",
+                         "--github-id", "aperson", "--name", "Test record", "--blurb", "b"], capsys)
+    assert rc == 0
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert (sub["author"], sub["github_id"], sub["name"], sub["blurb"]) == ("A. Person", "aperson", "Test record", "b")
+    assert sub["date"] == datetime.date.today().isoformat() and sub["track"] == "10min_16mb"
+    assert sub["val_loss"] == pytest.approx(2.3342) and sub["val_bpb"] == pytest.approx(1.061)
+    assert sub["val_bpb_std"] == pytest.approx(0.001 * math.sqrt(2 / 3), abs=1e-8)   # population
+    assert sub["val_loss_std"] == pytest.approx(0.0022 * math.sqrt(2 / 3), abs=1e-8)
+    assert "population" in sub["reproducibility_notes"] and "0.00100000" in sub["reproducibility_notes"]
+    assert sub["seeds"] == [42, 0, 1234]
+    assert sub["seed_results"]["0"] == {"val_loss": 2.3342, "val_bpb": 1.061, "artifact_bytes": 15935802,
+                                        "steps": 4866, "train_time_s": 596.114, "eval_time_s": 482.0}
+    assert sub["artifact_bytes_mean"] == 15937072 and sub["artifact_bytes_max"] == 15943106
+    assert sub["train_time_s_mean"] == pytest.approx(596.107) and sub["eval_time_s_mean"] == pytest.approx(488.5)
+    assert sub["hardware"] == "8xH100 80GB SXM" and sub["pytorch_version"] == "2.11.0+cu130"
+    assert sub["comparison_baseline_bpb"] == 1.066
+    assert sub["delta_vs_leaderboard_bpb"] == pytest.approx(-0.005) and sub["delta_vs_leaderboard_nats"] == pytest.approx(-0.011)
+    assert sub["p_value"] == pytest.approx(0.0210055, abs=1e-6)
+    assert sub["compliance"] == {"train_under_600s": True, "eval_under_600s": True, "artifact_under_16mb": True,
+                                 "score_first_ttt": True, "no_pre_quant_ttt": True, "three_seeds": True}
+
+
+def test_cli_subprocess_writes_results_md(tmp_path):
+    out = tmp_path / "rec"
+    proc = subprocess.run([sys.executable, "record.py", *map(str, SEEDS3), "--out", str(out), "--baseline-bpb", "1.066"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "results.md").read_text()
+    assert md in proc.stdout
+    assert "| 42 | 4,921 | 1.07000000 | 1.08000000 | **1.06000000** | 2.33200000 | 15,932,307 | 596.107 | 488.8 |" in md
+    assert "| **Mean** | 4,886 |" in md and "**1.06100000**" in md
+    assert "Std (population, ddof=0)" in md and "0.00081650" in md
+    assert "Std (sample, ddof=1)" in md and "0.00220000" in md
+    assert "t = 4.7238, dof = 2, p = 0.021" in md and "significant at p < 0.01: no" in md
+    assert "0.002273 BPB" in md and "-0.005000 BPB" in md and "-0.011000 nats" in md
+    json.loads((out / "submission.json").read_text())
+    bad = subprocess.run([sys.executable, "record.py", str(LOGS / "truncated.log"), "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "truncated.log" in bad.stderr
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` raise ImportError
+    rc, out, _ = run_main([*SEEDS3, "--out", tmp_path, "--plot"], capsys)
+    assert rc == 0 and "matplotlib is not installed" in out
+    assert (tmp_path / "results.md").exists() and (tmp_path / "submission.json").exists()
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_with_matplotlib(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc, out, _ = run_main([*SEEDS3, "--out", tmp_path, "--plot"], capsys)
+    png = tmp_path / "curves.png"
+    assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
