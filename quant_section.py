@@ -85,10 +85,11 @@ def collapse_layer_index(name):
 
 
 def quant_summary_lines(meta):
+    """The indented lines logged under "Quantized weights:", one per tag."""
     groups = {}
     for name, tag in meta.items():
         groups.setdefault(tag, set()).add(collapse_layer_index(name))
-    return ["Quantized weights:"] + [f"  {tag}: {', '.join(sorted(names))}" for tag, names in sorted(groups.items())]
+    return [f"  {tag}: {', '.join(sorted(names))}" for tag, names in sorted(groups.items())]
 
 
 def quantize_state_dict(sd, hessians, h):

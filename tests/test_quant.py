@@ -153,8 +153,7 @@ def test_matrix_clip_for_unclassified_names():
 def test_summary_lines():
     sd, hessians = small_model()
     _, lines = tg.quantize_state_dict(sd, hessians, H_ARGS)
-    assert lines == [
-        "Quantized weights:",
+    assert lines == [  # logged under a "Quantized weights:" header
         "  gate_int8_row: blocks.attn.attn_gate_w",
         "  gptq (int6): blocks.attn.c_k.weight, blocks.attn.c_q.weight, blocks.mlp.fc.weight, blocks.mlp.proj.weight",
         "  gptq (int7): tok_emb.weight",
