@@ -654,7 +654,8 @@ class StripRule:
             self.cache[c] = "space" if norm == "a\u2581b" else "deleted" if norm == "ab" else "kept"
         return self.cache[c]
 
-    def charged_bytes(self, text: str) -> int:
+    def charged_span(self, text: str):
+        """(start, end) of the part of `text` that the piece surfaces cover."""
         i, j = 0, len(text)
         while i < j and self.kind(text[i]) != "kept":
             i += 1
@@ -663,6 +664,10 @@ class StripRule:
             k -= 1
         while k < j and self.kind(text[k]) == "deleted":
             k += 1
+        return i, k
+
+    def charged_bytes(self, text: str) -> int:
+        i, k = self.charged_span(text)
         return len(text[i:k].encode("utf-8"))
 
 
@@ -797,7 +802,7 @@ def hub_fetch(repo_id: str, remote: str, dest: Path, optional=False) -> bool:
     try:
         got = hf_hub_download(repo_id=repo_id, filename=remote, repo_type="dataset", local_dir=staging)
     except Exception as e:
-        if optional and "NotFound" in type(e).__name__:
+        if optional and type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):  # a 404, not offline
             return False
         raise DataError(f"could not download {remote} from the Hugging Face dataset {repo_id} "
                         f"({type(e).__name__}); check the network connection and access, "
