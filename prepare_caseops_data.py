@@ -236,47 +236,46 @@ def parse_pieces(buf: bytes):
     `encode(text, out_type='serialized_proto')` exists in sentencepiece 0.2.2
     and 0.2.3 and, unlike 'proto'/'immutable_proto', needs no protobuf package,
     so we read the wire format ourselves: SentencePieceText.pieces = field 2,
-    and in each piece id = field 2 (varint), surface = field 3 (bytes).
+    and in each piece id = field 2 (varint), surface = field 3 (bytes).  The
+    loop is inlined because it dominates the cost of a validation doc.
     """
     ids, surfaces = [], []
     i, n = 0, len(buf)
     while i < n:
         key, i = _varint(buf, i)
-        if key & 7 == 0:
+        wire = key & 7
+        if wire == 0:
             _, i = _varint(buf, i)
-            continue
-        if key & 7 == 5:
+        elif wire == 5:
             i += 4
-            continue
-        length, i = _varint(buf, i)
-        if key >> 3 == 2:
-            pid, surface = _parse_piece(buf, i, i + length)
-            ids.append(pid)
-            surfaces.append(surface)
-        i += length
+        elif wire == 1:
+            i += 8
+        else:
+            length, i = _varint(buf, i)
+            if key == 0x12:  # a piece: scan its fields
+                j, end, pid, surface = i, i + length, 0, b""
+                while j < end:
+                    k = buf[j]
+                    j += 1
+                    if k & 7 == 0:
+                        if k == 0x10:  # id
+                            pid, j = _varint(buf, j)
+                        else:  # begin/end offsets: skip the varint
+                            while buf[j] & 0x80:
+                                j += 1
+                            j += 1
+                    else:
+                        size, j = _varint(buf, j)
+                        if k == 0x1A:  # surface
+                            surface = buf[j:j + size]
+                        j += size
+                ids.append(pid)
+                surfaces.append(surface)
+            i += length
     return ids, surfaces
 
 
-def _parse_piece(buf: bytes, i: int, end: int):
-    pid, surface = 0, b""
-    while i < end:
-        key, i = _varint(buf, i)
-        if key & 7 == 0:
-            value, i = _varint(buf, i)
-            if key >> 3 == 2:
-                pid = value
-        else:  # length-delimited: piece (1) or surface (3)
-            length, i = _varint(buf, i)
-            if key >> 3 == 3:
-                surface = buf[i:i + length]
-            i += length
-    return pid, surface
-
-
 def _varint(buf: bytes, i: int):
-    b = buf[i]
-    if b < 0x80:
-        return b, i + 1
     value, shift = 0, 0
     while True:
         b = buf[i]
@@ -832,21 +831,20 @@ def download_caseops(root: Path, train_shards) -> Path:
 
 def _hub_local_manifest(ds_dir: Path, model: Path, hub_manifest) -> dict:
     """A local manifest.json for downloaded shards, so --verify and trainers see one format."""
-    val_tokens = sum(len(read_shard(p)) for p in ds_dir.glob(VAL_GLOB))
+    val = [read_shard(p) for p in sorted(ds_dir.glob(VAL_GLOB))]
     val_bytes = sum(int(read_shard(p).astype(np.int64).sum()) for p in ds_dir.glob(VAL_BYTES_GLOB))
-    val_docs = sum(int((read_shard(p) == BOS_ID).sum()) for p in ds_dir.glob(VAL_GLOB))
+    val_docs = sum(int((v == BOS_ID).sum()) for v in val)
     train = sorted(ds_dir.glob(TRAIN_GLOB))
-    stats = {"val": {"docs": val_docs, "tokens": val_tokens, "bytes": val_bytes, "shards": len(list(ds_dir.glob(VAL_GLOB)))},
+    stats = {"val": {"docs": val_docs, "tokens": sum(map(len, val)), "bytes": val_bytes, "shards": len(val)},
              "train": {"shards": len(train), "tokens": sum((p.stat().st_size - HEADER_BYTES) // 2 for p in train)}}
+    hub_entry = next((d for d in (hub_manifest or {}).get("datasets", []) if d.get("name") == ds_dir.name), {})
     return {"name": ds_dir.name, "complete": True, "transform": "caseops",
             "text_transform": lossless_caps.TRANSFORM_NAME,
             "tokenizer": {"file": model.name, "sha256": sha256_file(model), "vocab_size": 8192,
                           "path": f"../../tokenizers/{model.name}"},
             "source": {"hub_repo": HUB_CASEOPS_REPO, "hub_manifest": "../../hub_manifest.json"},
             "val_docs": val_docs, "bos_id": BOS_ID, "train_glob": TRAIN_GLOB, "val_glob": VAL_GLOB,
-            "val_bytes_glob": VAL_BYTES_GLOB, "stats": stats,
-            "hub_stats": next((d.get("stats") for d in (hub_manifest or {}).get("datasets", [])
-                               if d.get("name") == ds_dir.name), None)}
+            "val_bytes_glob": VAL_BYTES_GLOB, "stats": stats, "hub_stats": hub_entry.get("stats")}
 
 
 def download_docs(args) -> None:

@@ -526,3 +526,71 @@ def test_hub_offline_fails_with_one_sentence(tmp_path, hub_args):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download datasets/") and "parameter-golf" in last
     assert not list((tmp_path / "o").rglob("*.bin"))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Replace hf_hub_download with a copy from a local {repo: {remote path: local file}} table."""
+    import huggingface_hub
+    repos = {}
+
+    def fake_download(repo_id, filename, repo_type, local_dir):
+        assert repo_type == "dataset"
+        if filename not in repos.get(repo_id, {}):
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(repos[repo_id][filename], dest)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return repos
+
+
+def test_from_hub_caseops_ends_in_local_layout(prepared, docs_file, tmp_path, fake_hub):
+    src_root, src_ds = prepared
+    d = prep.dataset_dir_name("caseops", 8192)
+    manifest = tmp_path / "hub_manifest.json"
+    manifest.write_text(json.dumps({**HUB_MANIFEST, "datasets": [{**HUB_MANIFEST["datasets"][0],
+                                                                  "stats": {"files_val": 1, "files_train": 3}}]}))
+    model = next((src_root / "tokenizers").glob("*.model"))
+    files = {"datasets/manifest.json": manifest,
+             f"datasets/tokenizers/{prep.tokenizer_file_name('caseops', 8192)}": model,
+             "datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.vocab": manifest}
+    # one big val shard (all 20 val docs) so that the fake export is a complete val set
+    val = np.concatenate(split_arrays(src_ds, "val")[0])
+    side = np.concatenate([prep.read_shard(p) for p in sorted(src_ds.glob(prep.VAL_BYTES_GLOB))])
+    prep.write_shard(tmp_path / "v.bin", val)
+    prep.write_shard(tmp_path / "vb.bin", side)
+    files[f"datasets/datasets/{d}/fineweb_val_000000.bin"] = tmp_path / "v.bin"
+    files[f"datasets/datasets/{d}/fineweb_val_bytes_000000.bin"] = tmp_path / "vb.bin"
+    for i, path in enumerate(split_arrays(src_ds, "train")[1][:3]):
+        files[f"datasets/datasets/{d}/fineweb_train_{i:06d}.bin"] = path
+    fake_hub[prep.HUB_CASEOPS_REPO] = files
+    root = tmp_path / "hub"
+    assert run_main(["--from-hub", "caseops", "--train-shards", 2, "--out", root]) == (0, None)
+    assert sorted(p.name for p in (root / "datasets" / d).iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin",
+        "fineweb_val_bytes_000000.bin", "manifest.json"]
+    assert (root / "tokenizers" / prep.tokenizer_file_name("caseops", 8192)).read_bytes() == model.read_bytes()
+    assert not list(root.rglob(".hub_staging"))
+    m = json.loads((root / "datasets" / d / "manifest.json").read_text())
+    assert m["stats"]["val"]["docs"] == VAL_DOCS and m["stats"]["train"]["shards"] == 2
+    assert prep.verify(root, docs_file) == 0  # downloaded data passes the same checks as local data
+
+
+def test_from_hub_docs_uses_source_manifest(docs_file, caseops_model, tmp_path, fake_hub):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"num_docs": 40, "docs_val": 7, "docs_sha256": "x"}))
+    fake_hub[prep.HUB_DOCS_REPO] = {"datasets/docs_selected.jsonl": docs_file,
+                                    "datasets/docs_selected.source_manifest.json": meta}
+    root = tmp_path / "hubdocs"
+    args = ["--from-hub", "docs", "--out", root, "--tokenizer", caseops_model, "--shard-tokens", SHARD, "--workers", 1]
+    assert run_main(args) == (0, None)
+    assert (root / "docs_selected.jsonl").read_bytes() == docs_file.read_bytes()
+    (ds_dir,) = (root / "datasets").iterdir()
+    m = json.loads((ds_dir / "manifest.json").read_text())
+    assert m["val_docs"] == 7 and m["stats"]["val"]["docs"] == 7 and m["stats"]["train"]["docs"] == 33
+    assert m["source"]["hub_repo"] == prep.HUB_DOCS_REPO
+    del fake_hub[prep.HUB_DOCS_REPO]["datasets/docs_selected.source_manifest.json"]  # optional file
+    assert run_main(args[:2] + ["--out", tmp_path / "hubdocs2"] + args[4:] + ["--val-docs", 3]) == (0, None)
