@@ -54,3 +54,39 @@ def docs():
 @pytest.fixture(scope="session")
 def have_shared():
     return FINEWEB_SAMPLE.exists() and CASEOPS_TOKENIZER.exists()
+
+
+def tiny_env(data_root, **over):
+    """Env for a tiny CPU run of train_gpt.py on a prepared dataset (seconds per step on 2 cores)."""
+    env = dict(os.environ)
+    env.update(DATA_DIR=str(data_root), VOCAB_SIZE=str(prepared_vocab(data_root)), NUM_LAYERS="4", MODEL_DIM="64",
+               NUM_HEADS="4", NUM_KV_HEADS="2", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", XSA_LAST_N="4",
+               TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="1", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256",
+               TTT_EVAL_SEQ_LEN="256", ITERATIONS="6", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1", VAL_LOSS_EVERY="0",
+               TRAIN_LOG_EVERY="1", GPTQ_CALIBRATION_BATCHES="1", GPTQ_CALIBRATION_SEQS="2", TTT_BATCH_SIZE="4",
+               PHASED_TTT_PREFIX_DOCS="4", TTT_LORA_RANK="4", GLOBAL_TTT_CHUNK_TOKENS="512", COMPILE="0",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in over.items()})
+    return env
+
+
+def prepared_vocab(data_root):
+    import sentencepiece as spm
+    model = next((Path(data_root) / "tokenizers").glob("*.model"))
+    return spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, docs):
+    """A small CaseOps dataset made by the real prepare_caseops_data.py: 12 val docs, the rest train.
+    Uses the public SP8192 CaseOps tokenizer when ../shared/data exists, else trains a 1024-piece one."""
+    import subprocess
+    root = tmp_path_factory.mktemp("data")
+    docs_file = root / "docs.jsonl"
+    with open(docs_file, "w", encoding="utf-8") as f:
+        for d in docs[:120]:
+            f.write(json.dumps({"text": d}) + "\n")
+    tok = ["--tokenizer", str(CASEOPS_TOKENIZER)] if CASEOPS_TOKENIZER.exists() else ["--train-tokenizer", "--vocab-size", "1024"]
+    subprocess.run([sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(docs_file), "--out", str(root / "out"),
+                    "--val-docs", "12", "--shard-tokens", "60000", "--workers", "1", *tok], check=True, capture_output=True)
+    return root / "out"
