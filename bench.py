@@ -117,7 +117,7 @@ def run_e2e(args, log_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ngpu}", os.path.join(ROOT, "train_gpt.py")]
     t0 = time.perf_counter()
     with open(os.path.join(log_dir, "bench_e2e.log"), "w") as f:
-        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     text = open(os.path.join(log_dir, "bench_e2e.log")).read()
     grab = lambda pat: (re.findall(pat, text) or ["n/a"])[-1]
     return {
@@ -126,7 +126,7 @@ def run_e2e(args, log_dir):
         "post-TTT bpb": grab(r"quantized_ttt_phased .*val_bpb:([\d.]+)"), "artifact bytes": grab(r"Total submission size \S+: (\d+)"),
         "TTT warm-up s": grab(r"compile warmup done \(([\d.]+)s"), "TTT eval s": grab(r"total_eval_time:([\d.]+)"),
         "eval wall s": grab(r"eval_wall_time:([\d.]+)"), "GPTQ calib s": grab(r"collected \d+ Hessians in ([\d.]+)s"),
-        "peak mem": grab(r"peak memory allocated: (\d+ MiB)"), "wall s": f"{time.perf_counter() - t0:.0f}",
+        "peak mem": grab(r"peak memory allocated: (\d+ MiB)"), "wall s": f"{time.perf_counter() - t0:.0f}", "exit code": rc,
     }
 
 
@@ -157,15 +157,23 @@ def main():
         lines.append(f"| {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
     lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
+    emit(lines, args.out)
     if args.e2e_docs:
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()  # the e2e run is a separate process: give it the GPU memory back
         e2e = run_e2e(args, args.log_dir)
-        lines += ["", f"End-to-end on {os.path.basename(args.e2e_docs)} ({args.val_docs} val docs, {args.e2e_seconds:g}s training budget; "
+        lines = ["", f"End-to-end on {os.path.basename(args.e2e_docs)} ({args.val_docs} val docs, {args.e2e_seconds:g}s training budget; "
                   "proxy corpus, BPB not comparable to FineWeb records):", "", "| " + " | ".join(e2e) + " |",
                   "|" + "---|" * len(e2e), "| " + " | ".join(str(v) for v in e2e.values()) + " |"]
+        emit(lines, args.out)
+
+
+def emit(lines, path):
     text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
         f.write(text)
 
 
