@@ -77,9 +77,9 @@ class Hyperparameters:
     gated_attn_enabled = _env("GATED_ATTN_ENABLED", True)
     gated_attn_init_std = _env("GATED_ATTN_INIT_STD", 0.005)
     gated_attn_quant_gate = _env("GATED_ATTN_QUANT_GATE", True)
-    train_loop_phase_depths = _env("TRAIN_LOOP_PHASE_DEPTHS", "1,3,4")
+    train_loop_phase_depths = os.environ.get("TRAIN_LOOP_PHASE_DEPTHS", "1,3,4")  # set empty: looping at ENABLE_LOOPING_AT
     train_loop_phase_fractions = _env("TRAIN_LOOP_PHASE_FRACTIONS", "")
-    train_loop_prewarm_depths = _env("TRAIN_LOOP_PREWARM_DEPTHS", "3,4")
+    train_loop_prewarm_depths = os.environ.get("TRAIN_LOOP_PREWARM_DEPTHS", "3,4")  # empty is a valid value
     eval_loop_depth = _env("EVAL_LOOP_DEPTH", 4)
     # optimisation and data
     train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786432)
