@@ -49,6 +49,7 @@ class Hyperparameters:
     train_log_every = _env("TRAIN_LOG_EVERY", 500)
     val_loss_every = _env("VAL_LOSS_EVERY", 4000)
     compile = _env("COMPILE", torch.cuda.is_available())
+    ttt_compile = _env("TTT_COMPILE", False)
     eval_only = _env("EVAL_ONLY", False)
     artifact = _env("ARTIFACT", "")
     resume_from = _env("RESUME_FROM", "")
@@ -545,7 +546,7 @@ class GPT(nn.Module):
         self.register_buffer("ln_scales", torch.tensor([1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]), persistent=False)
         self.depth = 1
         self._rope = {}
-        self.block_fn, self.parallel_fn = sequential_block, parallel_block
+        self.block_fn, self.parallel_fn, self.loss_fn = sequential_block, parallel_block, head_losses
 
     def weights(self, i):
         L, b = self.h.num_layers, self.blocks[i]
@@ -595,19 +596,13 @@ class GPT(nn.Module):
         return x
 
     def logits(self, hid, head_lora=None, cap=None):
-        n = rms(hid)
         if cap is not None:
-            cap("tok_emb.weight", n)
-        z = F.linear(n, self.tok_emb.weight.to(n.dtype))
-        if head_lora is not None:
-            z = z + lora_delta(n, head_lora).to(z.dtype)
-        c = self.h.logit_softcap
-        return c * torch.tanh(z.float() / c)
+            cap("tok_emb.weight", rms(hid))
+        return softcap_logits(hid, self.tok_emb.weight, head_lora, self.h.logit_softcap)
 
     def token_losses(self, ids, targets, cu=None, loras=None, head_lora=None):
         """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax."""
-        z = self.logits(self.hidden(ids, cu, loras), head_lora)
-        return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return self.loss_fn(self.hidden(ids, cu, loras), self.tok_emb.weight, targets, head_lora, self.h.logit_softcap)
 
     def forward(self, ids, targets, cu=None):
         return self.token_losses(ids, targets, cu).mean()
@@ -640,6 +635,20 @@ class GPT(nn.Module):
             raise RuntimeError(f"artifact does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def softcap_logits(hid, emb, head_lora, softcap):
+    n = rms(hid)
+    z = F.linear(n, emb.to(n.dtype))
+    if head_lora is not None:
+        z = z + lora_delta(n, head_lora).to(z.dtype)
+    return softcap * torch.tanh(z.float() / softcap)
+
+
+def head_losses(hid, emb, targets, head_lora, softcap):
+    """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries."""
+    z = softcap_logits(hid, emb, head_lora, softcap)
+    return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
 def _named(cap, i):
     return lambda name, x: cap(f"blocks.{i}.{name}.weight", x)
 
@@ -650,6 +659,7 @@ def build_model(h, device):
     if h.compile:
         model.block_fn = torch.compile(sequential_block, dynamic=False, fullgraph=True)
         model.parallel_fn = torch.compile(parallel_block, dynamic=False, fullgraph=True)
+        model.loss_fn = torch.compile(head_losses, dynamic=False, fullgraph=True)
     return model
 
 
@@ -1033,7 +1043,8 @@ def collect_hessians(model, h, device, files):
     rng = np.random.Generator(np.random.PCG64(h.seed + h.rank))
     seq, n = h.train_seq_len, h.gptq_calibration_seqs
     shards = [read_shard(f) for f in files[h.rank :: h.world_size] or files]
-    for _ in range(h.gptq_calibration_batches):
+    n_batches = -(-h.gptq_calibration_batches // h.world_size)  # ranks share the batches; Hessians are all-reduced
+    for _ in range(n_batches):
         rows = []
         for _ in range(n):
             s = shards[rng.integers(len(shards))]
@@ -1045,7 +1056,7 @@ def collect_hessians(model, h, device, files):
     for k in list(hs):
         if h.distributed:
             dist.all_reduce(hs[k])
-        hs[k] /= h.gptq_calibration_batches * h.world_size
+        hs[k] /= n_batches * h.world_size
         if k.endswith("attn.c_q.weight"):  # q, k and v read the same input
             hs[k.replace("c_q", "c_k")] = hs[k.replace("c_q", "c_v")] = hs[k]
     return hs
@@ -1435,10 +1446,13 @@ def evaluate_artifact(h, device, log, val, path, t_start):
         timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log)
     if not h.ttt_enabled:
         return
-    if h.compile:
+    if h.ttt_compile:
         model.block_fn = torch.compile(sequential_block, dynamic=True)
         model.parallel_fn = torch.compile(parallel_block, dynamic=True)
+        model.loss_fn = torch.compile(head_losses, dynamic=True)
         ttt_warmup(model, h, device, log)
+    else:  # eager: TTT rows change width every chunk; dynamic-shape compile costs minutes of warm-up
+        model.block_fn, model.parallel_fn, model.loss_fn = sequential_block, parallel_block, head_losses
     log("")
     log("beginning TTT eval timer")
     t0 = time.perf_counter()
