@@ -1,0 +1,432 @@
+"""CPU tests of train_gpt.py's CONFIG, DATA, OPTIMIZER and TRAINING sections: Muon and Newton-Schulz, the LR /
+weight-decay / momentum schedules, shard and tokenizer validation, cu_seqlens, the packing loader, and end-to-end runs
+(2-process gloo, seed reproducibility) on a small real CaseOps dataset."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, prepared_vocab, tiny_env
+
+TRAIN_GPT = str(REPO / "train_gpt.py")
+
+
+def make_h(**fields):
+    """Hyperparameters with fields overridden before __init__ runs, so derived fields (train_depths, paths,
+    micro_batch_tokens) follow the overrides exactly as they would follow env vars."""
+    h = tg.Hyperparameters.__new__(tg.Hyperparameters)
+    for k, v in fields.items():
+        assert hasattr(tg.Hyperparameters, k), k
+        setattr(h, k, v)
+    h.__init__()
+    return h
+
+
+# ----------------------------------------------------------------------------- CONFIG
+
+
+def test_empty_train_loop_phase_depths_env_selects_enable_looping_at():
+    """TRAIN_LOOP_PHASE_DEPTHS= (empty) must switch the curriculum off (records A/B: looping on at
+    ENABLE_LOOPING_AT), not silently fall back to the default 1,3,4."""
+    code = ("import train_gpt as tg; h = tg.Hyperparameters(); "
+            "print(h.train_depths, [tg.loop_depth_at(f, h) for f in (0.3, 0.5)], tg._ints(h.train_loop_prewarm_depths))")
+    env = dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="", TRAIN_LOOP_PREWARM_DEPTHS="", ENABLE_LOOPING_AT="0.4")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[] [1, 3] []"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="1,4", ENABLE_LOOPING_AT="0.4"),
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[1, 4] [1, 4] [3, 4]", r.stderr
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz and Muon
+
+
+@pytest.mark.parametrize("shape", [(4, 128, 32), (4, 32, 128), (2, 96, 192), (3, 48, 80)], ids=str)
+def test_newton_schulz_singular_values_near_one(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3.0
+    x = tg.newton_schulz(g, 5)
+    assert x.shape == g.shape and x.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(x.float())
+    assert s.min() > 0.5 and s.max() < 1.5, (s.min().item(), s.max().item())
+    # tall inputs are orthogonalised through their transpose
+    torch.testing.assert_close(tg.newton_schulz(g.transpose(-2, -1), 5).float(), x.float().transpose(-2, -1), atol=0.02, rtol=0.02)
+    # the polar factor keeps the singular vectors: X^T G is symmetric positive definite-ish, so <X, G> > 0 per matrix
+    assert ((x.float() * g).sum((-2, -1)) > 0).all()
+
+
+def test_newton_schulz_matches_fp64_quintic_iteration():
+    """SPEC 5.2: X <- X/(|X|_F + 1e-7), then `steps` x {A = XX^T; X <- aX + (bA + cA^2)X}, (a,b,c) = (3.4445, -4.7750, 2.0315),
+    on the wide orientation. Catches wrong coefficients, step counts and normalisation (the band test alone would not)."""
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for steps in (1, 3, 5):
+        x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(steps):
+            A = x @ x.transpose(-2, -1)
+            x = 3.4445 * x + (-4.7750 * A + 2.0315 * A @ A) @ x
+        rel = lambda y, ref: ((y.double() - ref).norm() / ref.norm()).item()
+        assert rel(tg.newton_schulz(g, steps), x) < 0.08, steps  # bf16 drift ~0.03 at 5 steps; one step more/less ~0.35
+        assert rel(tg.newton_schulz(g.transpose(-2, -1), steps), x.transpose(-2, -1)) < 0.08, steps
+
+
+def ref_muon_update(g, m, momentum, row_normalize=True, steps=5):
+    """Independent re-statement of SPEC 5.2 on one process: returns (new momentum, orthogonalised update)."""
+    g = g.to(torch.bfloat16).float()
+    m = momentum * m + g
+    u = g + momentum * m
+    if row_normalize:
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    return m, tg.newton_schulz(u, steps).to(torch.bfloat16).float()
+
+
+def test_muon_step_is_scaled_orthogonal_update_with_decoupled_wd():
+    h = make_h()
+    assert h.world_size == 1
+    torch.manual_seed(0)
+    wide = torch.nn.Parameter(torch.randn(3, 16, 64))  # rows <= cols: scale 1
+    tall = torch.nn.Parameter(torch.randn(2, 64, 16))  # rows/cols = 4: scale 2 (the up bank's factor)
+    muon = tg.Muon([tall, wide], h)  # given smallest-first: Muon sorts, momentum buffers must follow their bank
+    lr, mom, wd = 0.05, 0.9, 0.1
+    moms = {id(wide): torch.zeros_like(wide), id(tall): torch.zeros_like(tall)}
+    for step in range(2):
+        before = {id(p): p.detach().clone() for p in (wide, tall)}
+        for p in (wide, tall):
+            p.grad = torch.randn_like(p)
+        expected = {}
+        for p in (wide, tall):
+            moms[id(p)], u = ref_muon_update(p.grad, moms[id(p)], mom)
+            scale = max(1.0, p.size(1) / p.size(2)) ** 0.5
+            expected[id(p)] = (before[id(p)] * (1 - lr * wd) - lr * scale * u, scale)
+        muon.step(lr, mom, wd)
+        for p in (wide, tall):
+            want, scale = expected[id(p)]
+            torch.testing.assert_close(p.detach(), want, atol=1e-5, rtol=1e-5)
+            # shape/scale check independent of the reference: the step minus weight decay is lr*scale*(~orthogonal)
+            delta = (before[id(p)] * (1 - lr * wd) - p.detach()) / (lr * scale)
+            s = torch.linalg.svdvals(delta)
+            assert s.min() > 0.5 and s.max() < 1.5, (p.shape, s.min().item(), s.max().item())
+            assert torch.linalg.matrix_rank(delta).min() == min(p.shape[1:])
+
+
+def test_muon_weight_decay_is_decoupled():
+    """Zero gradient: the update is exactly zero, only p <- p * (1 - lr * wd) remains."""
+    h = make_h()
+    p = torch.nn.Parameter(torch.randn(2, 8, 8))
+    p0 = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    tg.Muon([p], h).step(0.1, 0.95, 0.5)
+    torch.testing.assert_close(p.detach(), p0 * (1 - 0.1 * 0.5), atol=1e-7, rtol=1e-6)
+    q = torch.nn.Parameter(p0.clone())
+    q.grad = torch.zeros_like(q)
+    tg.Muon([q], h).step(0.1, 0.95, 0.0)
+    assert torch.equal(q.detach(), p0)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_lr_mult_no_warmup_warmdown_and_floor():
+    h = make_h(warmdown_frac=0.75, min_lr=0.0)
+    for frac, want in [(0.0, 1.0), (0.1, 1.0), (0.25, 1.0), (0.5, 2 / 3), (0.625, 0.5), (0.85, 0.2), (1.0, 0.0)]:
+        assert tg.lr_mult_at(frac, h) == pytest.approx(want), frac
+    h = make_h(warmdown_frac=0.25, min_lr=0.0)  # record A's value: flat until 0.75
+    assert [tg.lr_mult_at(f, h) for f in (0.7, 0.75, 0.875, 1.0)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    h = make_h(warmdown_frac=0.85, min_lr=0.1)  # D's run: floor at MIN_LR
+    assert [tg.lr_mult_at(f, h) for f in (0.1, 0.575, 0.95, 1.0)] == pytest.approx([1.0, 0.5, 0.1, 0.1])
+
+
+def test_muon_wd_taper():
+    h = make_h()
+    assert (h.wd_taper_start_frac, h.wd_taper_final_mult) == (0.70, 0.50)
+    for frac, want in [(0.0, 1.0), (0.5, 1.0), (0.70, 1.0), (0.775, 0.875), (0.85, 0.75), (1.0, 0.5), (1.1, 0.5)]:
+        assert tg.muon_wd_mult_at(frac, h) == pytest.approx(want), frac
+
+
+def test_muon_momentum_warmup():
+    h = make_h()
+    for step, want in [(0, 0.92), (750, 0.945), (1500, 0.97), (1499, 0.92 + 0.05 * 1499 / 1500), (5000, 0.97)]:
+        assert tg.muon_momentum_at(step, h) == pytest.approx(want), step
+
+
+# ----------------------------------------------------------------------------- shard and tokenizer validation
+
+
+def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, drop=0):
+    tokens = np.asarray(tokens, dtype="<u2")
+    header = np.zeros(tg.HEADER_INTS, dtype="<i4")
+    header[:3] = magic, version, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.tobytes()[: len(tokens) * 2 - drop])
+    return str(path)
+
+
+def docs_tokens(n_docs=20, doc_len=30, vocab=64, seed=0):
+    rng = np.random.default_rng(seed)
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(8, vocab, doc_len - 1)]) for _ in range(n_docs)]
+    return np.concatenate(docs)
+
+
+@pytest.fixture(scope="module")
+def caseops_sp(prepared_data):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(next((prepared_data / "tokenizers").glob("*.model"))))
+    assert tg.is_caseops_tokenizer(sp)
+    return sp
+
+
+def val_h(tmp_path, sp, **over):
+    return make_h(data_path=str(tmp_path), vocab_size=sp.vocab_size(), eval_seq_len=64, **over)
+
+
+def test_list_shards_missing_glob(tmp_path):
+    pattern = str(tmp_path / "nowhere" / "fineweb_train_*.bin")
+    with pytest.raises(tg.DataError, match=r"no training shards match .*nowhere/fineweb_train_\*\.bin"):
+        tg.list_shards(pattern, "training")
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])  # a val shard does not satisfy the train glob
+    with pytest.raises(tg.DataError, match="no training shards match"):
+        tg.list_shards(str(tmp_path / "fineweb_train_*.bin"), "training")
+
+
+def test_read_shard_roundtrip_and_header_errors(tmp_path):
+    good = write_shard(tmp_path / "good.bin", [1, 5, 65535])
+    assert np.asarray(tg.read_shard(good)).tolist() == [1, 5, 65535]
+    bad = write_shard(tmp_path / "bad_magic.bin", [1, 2, 3], magic=12345)
+    with pytest.raises(tg.DataError, match=re.escape(bad) + ".*bad shard header"):
+        tg.read_shard(bad)
+    badv = write_shard(tmp_path / "bad_version.bin", [1, 2, 3], version=2)
+    with pytest.raises(tg.DataError, match=re.escape(badv) + ".*bad shard header"):
+        tg.read_shard(badv)
+    trunc = write_shard(tmp_path / "trunc.bin", [1, 2, 3, 4], drop=2)
+    with pytest.raises(tg.DataError, match=re.escape(trunc) + ".*header says 4 tokens but the file holds 3.*truncated"):
+        tg.read_shard(trunc)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 100)
+    with pytest.raises(tg.DataError, match=re.escape(str(short)) + ".*shorter than the 1024-byte shard header"):
+        tg.read_shard(str(short))
+
+
+def test_load_val_with_sidecar(tmp_path, caseops_sp):
+    toks = docs_tokens()
+    write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    side = np.where(toks == tg.BOS_ID, 0, 3)
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", side)
+    val = tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+    assert val.source == "byte_sidecar"
+    usable = (len(toks) - 1) // 64 * 64
+    assert val.tokens.tolist() == toks[: usable + 1].tolist() and val.bytes.tolist() == side[: usable + 1].tolist()
+
+
+def test_load_val_sidecar_length_mismatch(tmp_path, caseops_sp):
+    toks = docs_tokens()
+    f = write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    s = write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(len(toks) - 1))
+    with pytest.raises(tg.DataError, match=f"sidecar {re.escape(s)} has {len(toks) - 1} entries but {re.escape(f)} has {len(toks)} tokens"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+
+
+def test_load_val_sidecar_count_mismatch(tmp_path, caseops_sp):
+    toks = docs_tokens()
+    for i in range(2):
+        write_shard(tmp_path / f"fineweb_val_{i:06d}.bin", toks)
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(len(toks)))
+    with pytest.raises(tg.DataError, match="2 val shards but 1 sidecars"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+
+
+def test_caseops_tokenizer_without_sidecars_refuses(tmp_path, caseops_sp):
+    write_shard(tmp_path / "fineweb_val_000000.bin", docs_tokens())
+    with pytest.raises(tg.DataError, match=r"CaseOps tokenizer but no byte sidecars match .*fineweb_val_bytes_\*\.bin"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+
+
+def test_val_without_bos_refuses(tmp_path, caseops_sp):
+    toks = docs_tokens()
+    toks[toks == tg.BOS_ID] = 9
+    f = write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(len(toks)))
+    with pytest.raises(tg.DataError, match=f"no BOS \\(id 1\\) in {re.escape(f)}"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+
+
+def test_val_token_beyond_vocab_and_too_short_refuse(tmp_path, caseops_sp):
+    toks = docs_tokens()
+    toks[5] = caseops_sp.vocab_size()
+    write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(len(toks)))
+    with pytest.raises(tg.DataError, match="VOCAB_SIZE"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+    write_shard(tmp_path / "fineweb_val_000000.bin", docs_tokens(n_docs=2))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(60))
+    with pytest.raises(tg.DataError, match="fewer than EVAL_SEQ_LEN"):
+        tg.load_val(val_h(tmp_path, caseops_sp), caseops_sp)
+
+
+def test_load_tokenizer_errors(tmp_path, prepared_data):
+    model = str(next((prepared_data / "tokenizers").glob("*.model")))
+    vocab = prepared_vocab(prepared_data)
+    assert tg.load_tokenizer(make_h(tokenizer_path=model, vocab_size=vocab)).vocab_size() == vocab
+    with pytest.raises(tg.DataError, match=f"tokenizer {re.escape(model)} has {vocab} pieces but VOCAB_SIZE={vocab + 8}"):
+        tg.load_tokenizer(make_h(tokenizer_path=model, vocab_size=vocab + 8))
+    missing = str(tmp_path / "none.model")
+    with pytest.raises(tg.DataError, match=f"tokenizer {re.escape(missing)} not found"):
+        tg.load_tokenizer(make_h(tokenizer_path=missing))
+
+
+def test_missing_data_dir_exits_with_data_error_message(tmp_path):
+    missing = tmp_path / "no_such_data"
+    env = dict(os.environ, DATA_DIR=str(missing), ARTIFACT_DIR=str(tmp_path), COMPILE="0", OMP_NUM_THREADS="1")
+    for k in ("TOKENIZER_PATH", "DATA_PATH", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, TRAIN_GPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    last = [l for l in r.stderr.splitlines() if l.strip()][-1]
+    assert "DataError" in last and str(missing) in last and "not found" in last, r.stderr[-2000:]
+    assert "site-packages/torch" not in r.stderr, "the data error should not surface through torch internals"
+
+
+# ----------------------------------------------------------------------------- cu_seqlens
+
+
+def test_cu_seqlens_bos_starts_and_padding():
+    cu = tg.cu_seqlens_for(np.array([1, 5, 6, 1, 7, 8, 9, 1, 4]), 100, bucket=8)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 7, 9, 9, 9, 9, 9]
+    assert tg.cu_seqlens_for([5, 6, 1, 7], 100, bucket=4).tolist() == [0, 2, 4, 4]  # row not starting at BOS: 0 added
+    assert tg.cu_seqlens_for([1, 5, 1, 7], 100, bucket=3).tolist() == [0, 2, 4]  # exact multiple: no padding
+    assert tg.cu_seqlens_for([1, 5, 1, 7, 1, 2], 100, bucket=3).tolist() == [0, 2, 4, 6, 6, 6]
+    assert len(tg.cu_seqlens_for([1, 5, 1], 100)) == 256  # default bucket
+
+
+def test_cu_seqlens_splits_long_segments_at_max_len():
+    assert tg.cu_seqlens_for([1] + [5] * 9, 4, bucket=1).tolist() == [0, 4, 8, 10]
+    # splits restart at each document start
+    assert tg.cu_seqlens_for([1, 5, 5, 5, 5, 5, 1, 5, 5], 4, bucket=1).tolist() == [0, 4, 6, 9]
+    assert tg.cu_seqlens_for([5] * 8, 4, bucket=1).tolist() == [0, 4, 8]
+
+
+def test_cu_seqlens_extra_starts():
+    assert tg.cu_seqlens_for([5] * 6, 100, bucket=1, extra_starts=(3,)).tolist() == [0, 3, 6]
+    assert tg.cu_seqlens_for([1, 5, 5, 1, 5, 5], 100, bucket=1, extra_starts=(3, 5)).tolist() == [0, 3, 5, 6]
+    assert tg.cu_seqlens_for([1] + [5] * 9, 4, bucket=1, extra_starts=(6,)).tolist() == [0, 4, 6, 10]
+
+
+# ----------------------------------------------------------------------------- TrainLoader
+
+
+def train_shards(tmp_path):
+    """Two train shards whose token values encode their position (value = offset + index), BOS sprinkled in."""
+    a = 2 + np.arange(300)
+    a[[7, 50, 120, 200]] = tg.BOS_ID
+    b = 1000 + np.arange(200)
+    b[[3, 90]] = tg.BOS_ID
+    write_shard(tmp_path / "fineweb_train_000000.bin", a)
+    write_shard(tmp_path / "fineweb_train_000001.bin", b)
+    return a, b
+
+
+def test_train_loader_rank_slices_of_one_global_span(tmp_path, monkeypatch):
+    a, b = train_shards(tmp_path)
+    batches = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        h = make_h(data_path=str(tmp_path), train_batch_tokens=64, grad_accum_override=1, train_seq_len=16)
+        assert (h.world_size, h.rank, h.micro_batch_tokens) == (2, rank, 32)
+        loader = tg.TrainLoader(h, torch.device("cpu"))
+        batches[rank] = [loader.next_batch() for _ in range(6)]
+    row, span = 33, 66
+    # shard 0: cursor starts at its first BOS (7); spans at 7, 73, 139, 205 fit in 300 tokens, 271 does not ->
+    # shard 1 from its first BOS (3): spans at 3, 69 (135 would not fit in 200 -> wrap, not reached)
+    starts = [(a, 7 + k * span) for k in range(4)] + [(b, 3 + k * span) for k in range(2)]
+    for k, (shard, c) in enumerate(starts):
+        glob_span = []
+        for rank in (0, 1):
+            x, y, cu = batches[rank][k]
+            piece = shard[c + rank * row : c + (rank + 1) * row]
+            assert x.tolist() == piece[:-1].tolist(), (k, rank)
+            assert y.tolist() == piece[1:].tolist(), (k, rank)  # targets = inputs shifted by one
+            assert torch.equal(cu, tg.cu_seqlens_for(x.numpy(), 16))
+            glob_span += piece.tolist()
+        assert glob_span == shard[c : c + span].tolist()  # disjoint, consecutive, covering the global span
+    assert batches[0][0][0][0].item() == tg.BOS_ID and batches[0][4][0][0].item() == tg.BOS_ID
+
+
+def test_train_loader_wraps_and_refuses_tiny_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    a, b = train_shards(tmp_path)
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=127, grad_accum_override=1, train_seq_len=16)
+    loader = tg.TrainLoader(h, torch.device("cpu"))
+    firsts = [loader.next_batch()[0][:2].tolist() for _ in range(4)]
+    # row 128: shard 0 gives spans at 7, 135 (263 does not fit), shard 1 one at 3, then back to shard 0 at 7
+    assert firsts == [a[7:9].tolist(), a[135:137].tolist(), b[3:5].tolist(), a[7:9].tolist()]
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=400, grad_accum_override=1)
+    with pytest.raises(tg.DataError, match="no training shard holds 401 tokens"):
+        tg.TrainLoader(h, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+
+LOSS_RE = re.compile(r"^(\d+)/(\d+) train_loss: ([0-9.]+)", re.M)
+
+
+def run_trainer(cmd, env, cwd, timeout=300):
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout, time.perf_counter() - t0
+
+
+def test_two_process_gloo_run_trains_and_packages(prepared_data, tmp_path):
+    env = tiny_env(prepared_data, ITERATIONS=20, TTT_ENABLED=0, ARTIFACT_DIR=tmp_path, RUN_ID="ddp2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN_GPT]
+    out, secs = run_trainer(cmd, env, tmp_path)
+    losses = [(int(s), float(v)) for s, _, v in LOSS_RE.findall(out)]
+    assert [s for s, _ in losses] == list(range(1, 21))
+    first, last = np.mean([v for _, v in losses[:3]]), np.mean([v for _, v in losses[-3:]])
+    assert last < first - 0.5, (first, last)
+    for needle in ("world_size:2", "model_params:", "attn_backend:sdpa", "val_tokens:", "diagnostic pre-quantization post-ema",
+                   "Total submission size", "layer_loop:phase", "diagnostic quantized"):
+        assert needle in out, needle
+    assert "stopping_early" not in out  # iterations-bound (MAX_WALLCLOCK_SECONDS=0)
+    assert (tmp_path / "final_model.pt").is_file() and (tmp_path / "final_model.int6.ptz").is_file()
+    assert "world_size:2" in (tmp_path / "logs" / "ddp2.txt").read_text()
+    assert secs < 120, f"2-process tiny run took {secs:.0f}s"
+
+
+@pytest.fixture(scope="module")
+def small_val_data(prepared_data, tmp_path_factory):
+    """prepared_data with the val set cut to its first 8,193 tokens (scoring dominates a tiny CPU run)."""
+    root = tmp_path_factory.mktemp("small_val")
+    (root / "tokenizers").symlink_to(prepared_data / "tokenizers", target_is_directory=True)
+    src = next((prepared_data / "datasets").iterdir())
+    dst = root / "datasets" / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name.startswith("fineweb_val"):
+            write_shard(dst / f.name, np.asarray(tg.read_shard(str(f)))[:8193])
+        else:
+            (dst / f.name).symlink_to(f)
+    return root
+
+
+def test_seed_reproducibility(small_val_data, tmp_path):
+    def losses(seed, tag):
+        env = tiny_env(small_val_data, ITERATIONS=4, TTT_ENABLED=0, EVAL_LOOP_DEPTH=1, TRAIN_BATCH_TOKENS=1024, SEED=seed,
+                       ARTIFACT_DIR=tmp_path / tag, RUN_ID=tag)
+        out, secs = run_trainer([sys.executable, TRAIN_GPT], env, tmp_path)
+        assert secs < 60, f"single-process tiny run took {secs:.0f}s"
+        found = LOSS_RE.findall(out)
+        assert len(found) == 4
+        return found
+
+    a, b, c = losses(7, "a"), losses(7, "b"), losses(8, "c")
+    assert a == b
+    assert a != c and all(x[2] != y[2] for x, y in zip(a, c))
