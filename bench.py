@@ -149,7 +149,7 @@ def main():
     os.makedirs(args.log_dir, exist_ok=True)
     peak = bf16_peak_tflops()
     lines = [f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"world size {torch.cuda.device_count()}, commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'n/a'}",
+             f"world size {torch.cuda.device_count()}, commit {os.environ.get('GIT_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'n/a'}",
              "", f"Measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; attention backend: {tg.ATTN_BACKEND}", "",
              "| recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
              "|---|---|---|---|---|---|---|"]
