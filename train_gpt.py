@@ -1070,7 +1070,7 @@ def autocast(device):
 
 
 def bpb_from_sums(sums):
-    nll, ntok, nbytes = sums.tolist()
+    nll, ntok, nbytes = sums.tolist()[:3]
     return nll / max(ntok, 1), nll / (math.log(2) * max(nbytes, 1))
 
 
@@ -1102,6 +1102,8 @@ def eval_val(model, val, h, device):
 def eval_sliding(model, val, h, device, log):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets, each scoring only its last stride targets (first: all)."""
     W, S, N = h.eval_seq_len, h.eval_stride, len(val.tokens) - 1
+    if not 0 < S <= W:
+        raise ValueError(f"EVAL_STRIDE={S} must be in 1..EVAL_SEQ_LEN={W}: a longer stride leaves targets unscored")
     ends = list(range(W, N, S)) + [N] if N > W else [N]
     mine = ends[len(ends) * h.rank // h.world_size : len(ends) * (h.rank + 1) // h.world_size]
     first = ends.index(mine[0]) if mine else 0
@@ -1163,10 +1165,14 @@ class WorkClaimer:
     def __init__(self, h):
         self.h, self.local = h, {}
         self.store = dist.distributed_c10d._get_default_store() if h.distributed else None
+        if self.store is not None:  # one namespace per evaluation, agreed by all ranks (RUN_ID is a per-process uuid if unset)
+            ns = [uuid.uuid4().hex]
+            dist.broadcast_object_list(ns, src=0)
+            self.ns = ns[0]
 
     def claim(self, key):
         if self.store is not None:
-            return self.store.add(f"ttt/{self.h.run_id}/{key}", 1) - 1
+            return self.store.add(f"ttt/{self.ns}/{key}", 1) - 1
         self.local[key] = self.local.get(key, -1) + 1
         return self.local[key]
 
@@ -1195,7 +1201,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
     pred = torch.tensor([d.length - 1 for d in docs], device=device)
     n_chunks = (pred + C - 1) // C
     loras, head, opt = new_adapters(model, h, len(docs), device, gen)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         active = n_chunks > c
         last = n_chunks - 1 == c
@@ -1212,7 +1218,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
             loss = model.token_losses(x, y, loras=loras, head_lora=head)
         with torch.no_grad():
             m = scored.double()
-            sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (bytes_dev[pos + 1].double() * m).sum()])
+            sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (bytes_dev[pos + 1].double() * m).sum(), m.new_tensor(x.numel())])
             if per_doc is not None:
                 for k in torch.nonzero(active).flatten().tolist():
                     per_doc[docs[k].start].append(loss.detach()[k][scored[k]].cpu())
@@ -1228,6 +1234,8 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
 
 def global_sgd(model, val, docs, h, device, log, phase):
     """Phase step of PR #1626's phased TTT: plain SGD on the base model over already-scored documents only."""
+    if not docs:  # boundary 0 (PHASED_TTT_PREFIX_DOCS < phases): nothing scored to train on yet
+        return
     toks = torch.cat([val.tokens[d.start : d.start + d.length - 1] for d in docs])
     n = -(-len(toks) // h.global_ttt_chunk_tokens)
     seq = h.ttt_eval_seq_len
@@ -1245,9 +1253,9 @@ def global_sgd(model, val, docs, h, device, log, phase):
             nseq = (len(chunk) - 1) // seq
             a, b = nseq * h.rank // h.world_size * seq, nseq * (h.rank + 1) // h.world_size * seq
             if b > a:
-                x, y = chunk[a:b], chunk[a + 1 : b + 1]
+                x, y = chunk[a:b], chunk[a + 1 : b + 1]  # each sequence its own segment: same math on any rank count
                 with autocast(device):
-                    nll = model.token_losses(x[None].to(device), y[None].to(device), cu_seqlens_for(x.numpy(), seq).to(device)).sum()
+                    nll = model.token_losses(x[None].to(device), y[None].to(device), cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)).sum()
                 (nll * h.world_size / (nseq * seq)).backward()  # rank-averaged below -> global token mean
             for p in params:
                 if p.grad is None:
@@ -1264,6 +1272,9 @@ def global_sgd(model, val, docs, h, device, log, phase):
 
 def eval_ttt_phased(model, val, h, device, log, per_doc=None):
     """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
+    if not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len:
+        raise ValueError(f"TTT_CHUNK_SIZE={h.ttt_chunk_size} must be in 1..TTT_EVAL_SEQ_LEN={h.ttt_eval_seq_len}: "
+                         "a chunk wider than the scoring window leaves targets unscored")
     docs = find_docs(val.tokens)
     if h.val_doc_fraction < 1:
         keep = np.random.default_rng(h.seed).random(len(docs)) < h.val_doc_fraction
@@ -1273,7 +1284,7 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
     for p in model.parameters():
         p.requires_grad_(False)
     val_dev, bytes_dev = val.tokens.to(device), val.bytes.to(device)
-    claimer, sums, t0 = WorkClaimer(h), torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
+    claimer, sums, t0 = WorkClaimer(h), torch.zeros(4, dtype=torch.float64, device=device), time.perf_counter()
     segments = list(zip([0] + ends, ends + [len(batches)]))
     for phase, (lo, hi) in enumerate(segments):
         while (q := lo + claimer.claim(f"seg{phase}")) < hi:
@@ -1290,7 +1301,10 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
             log(f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} t:{time.perf_counter() - t0:.1f}s")
             global_sgd(model, val, prefix, h, device, log, phase)
             log(f"ttpr: phase:{phase + 1}/{len(bounds)} t:{time.perf_counter() - t0:.1f}s")
-    return bpb_from_sums(reduce_sums(sums, h))
+    sums = reduce_sums(sums, h)
+    t = time.perf_counter() - t0
+    log(f"ttt_throughput: row_tokens:{int(sums[3])} scored_tokens:{int(sums[1])} row_tok/s_per_gpu:{sums[3].item() / t / h.world_size:.0f}")
+    return bpb_from_sums(sums)
 
 
 # ----------------------------------------------------------------------------- TRAINING
