@@ -1,0 +1,617 @@
+"""Evaluation legality and exactness of train_gpt.py (SPEC 1.4, 2.4, 6.7, 7): BPB, eval_val, sliding window and
+phased score-first TTT. Unit tests use a tiny fp32 GPT on synthetic token streams (BOS = 1 at every document start,
+random byte sidecar, 0 bytes at BOS), so comparisons are exact; the end-to-end tests run train_gpt.py on prepared_data."""
+import copy
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from conftest import REPO, tiny_env
+
+CPU = torch.device("cpu")
+V = 64  # synthetic vocabulary: 0 unused, 1 = BOS, content ids 2..63
+
+
+def tiny_h(**over):
+    """Hyperparameters of a tiny looped GPT (4 physical layers, loop 1-2, parallel lanes at 3, XSA everywhere)."""
+    h = tg.Hyperparameters()
+    cfg = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0, loop_start=1, loop_end=2,
+               num_loops=2, parallel_start_layer=3, xsa_last_n=4, vocab_size=V, train_seq_len=64, eval_seq_len=64,
+               val_batch_tokens=1 << 20, eval_stride=16, eval_loop_depth=2, compile=False, seed=0,
+               ttt_eval_seq_len=64, ttt_chunk_size=8, ttt_batch_size=4, ttt_lora_rank=4, ttt_lora_lr=1e-2,
+               ttt_grad_steps=1, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.999, ttt_k_lora=True,
+               ttt_mlp_lora=True, ttt_o_lora=True, val_doc_fraction=1.0, phased_ttt_prefix_docs=0,
+               phased_ttt_num_phases=1, global_ttt_lr=1e-2, global_ttt_momentum=0.9, global_ttt_epochs=1,
+               global_ttt_chunk_tokens=128, global_ttt_grad_clip=1.0, rank=0, world_size=1, local_rank=0,
+               distributed=False, is_main_process=True, train_loop_phase_depths="1,3,4", train_batch_tokens=4096,
+               grad_accum_override=1)
+    cfg.update(over)
+    for k, v in cfg.items():
+        setattr(h, k, v)
+    # fields that Hyperparameters.__init__ derives from the ones above
+    h.train_depths = tg._ints(h.train_loop_phase_depths)
+    h.loop_depth_on = h.num_loops + 1
+    h.grad_accum_steps = h.grad_accum_override or max(1, 8 // h.world_size)
+    h.micro_batch_tokens = h.train_batch_tokens // (h.world_size * h.grad_accum_steps)
+    return h
+
+
+def tiny_model(h, seed=0):
+    """fp32 CPU model with every weight perturbed (zero-initialised projections would hide most of the network),
+    frozen as in evaluation, at the looped eval depth."""
+    torch.manual_seed(seed)
+    m = tg.build_model(h, CPU)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.requires_grad_(False)
+    m.depth = h.eval_loop_depth
+    return m
+
+
+def make_val(preds, seed=0, end_bos=True):
+    """A stream of documents with preds[k] tokens each (BOS + content), followed by one more token: the next document's
+    BOS, or (end_bos=False) one more content token, as when the real stream is cut inside its last document.
+    Targets = sum(preds); the byte sidecar is 1-4 per token, 0 at BOS."""
+    g = torch.Generator().manual_seed(seed)
+    toks = []
+    for p in preds:
+        toks += [tg.BOS_ID] + torch.randint(2, V, (p - 1,), generator=g).tolist()
+    t = torch.tensor(toks + [tg.BOS_ID if end_bos else 2 + seed % (V - 2)], dtype=torch.int64)
+    b = torch.randint(1, 5, (len(t),), generator=g, dtype=torch.int32)
+    b[t == tg.BOS_ID] = 0
+    return tg.ValData(t, b, "byte_sidecar")
+
+
+def padded(preds, multiple=64):
+    """Append one document so that the number of targets is a multiple of EVAL_SEQ_LEN (eval_val scores whole rows)."""
+    rest = -sum(preds) % multiple
+    return list(preds) + ([rest] if rest >= 2 else [rest + multiple] if rest else [])
+
+
+def quiet(msg=""):
+    pass
+
+
+def capture_sums(monkeypatch):
+    """Record every sums tensor given to bpb_from_sums; the last one is the function's final (reduced) total."""
+    seen, real = [], tg.bpb_from_sums
+
+    def spy(sums):
+        seen.append(sums.detach().clone())
+        return real(sums)
+
+    monkeypatch.setattr(tg, "bpb_from_sums", spy)
+    return seen
+
+
+def ttt_scores(model, val, h, log=quiet):
+    """Run eval_ttt_phased on a copy of the model (global SGD updates it in place); per-target scores per document."""
+    per_doc = defaultdict(list)
+    loss, bpb = tg.eval_ttt_phased(copy.deepcopy(model), val, h, CPU, log, per_doc)
+    return (loss, bpb), {s: torch.cat(v) for s, v in per_doc.items()}, per_doc
+
+
+def doc_alone_losses(model, val, doc):
+    """Per-target NLL of a document scored on its own from position 0 (no packing, no adapters)."""
+    x = val.tokens[doc.start : doc.start + doc.length - 1]
+    y = val.tokens[doc.start + 1 : doc.start + doc.length]
+    with torch.no_grad():
+        return model.token_losses(x[None], y[None])[0]
+
+
+def scramble(val, doc, seed, lo=1):
+    """Same stream with the content tokens of `doc` from offset lo on replaced (length, BOS and bytes kept)."""
+    t = val.tokens.clone()
+    g = torch.Generator().manual_seed(seed)
+    a, b = doc.start + lo, doc.start + doc.length - 1
+    t[a:b] = (t[a:b] - 2 + torch.randint(1, V - 2, (b - a,), generator=g)) % (V - 2) + 2  # every token changes
+    return val._replace(tokens=t)
+
+
+# ----------------------------------------------------------------------------- BPB and plain evaluation
+
+
+def test_bpb_from_sums_formula():
+    loss, bpb = tg.bpb_from_sums(torch.tensor([12.5, 5.0, 9.0], dtype=torch.float64))
+    assert loss == pytest.approx(12.5 / 5)
+    assert bpb == pytest.approx(12.5 / (math.log(2) * 9))
+    # val_bpb = (val_loss / ln 2) * (targets / bytes)
+    assert bpb == pytest.approx(loss / math.log(2) * 5 / 9)
+
+
+def test_eval_val_matches_hand_computation():
+    """eval_val = sum of per-document NLL (each document scored alone) / targets; bpb = NLL / (ln 2 * sidecar bytes)."""
+    h = tiny_h()
+    m = tiny_model(h)
+    val = make_val(padded([30, 2, 64, 17, 5, 40, 11]))
+    docs = tg.find_docs(val.tokens)
+    assert all(d.length - 1 <= h.eval_seq_len for d in docs)
+    nll = sum(doc_alone_losses(m, val, d).double().sum().item() for d in docs)
+    n, nbytes = len(val.tokens) - 1, int(val.bytes[1:].sum())
+    loss, bpb = tg.eval_val(m, val, h, CPU)
+    assert loss == pytest.approx(nll / n, rel=1e-6)
+    assert bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
+    # several rows per batch (row boundaries fall between documents of exactly one row) give the same numbers
+    val2 = make_val([32, 32, 64, 20, 44], seed=1)
+    a = tg.eval_val(m, val2, h, CPU)
+    b = tg.eval_val(m, val2, tiny_h(val_batch_tokens=64), CPU)
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- documents, schedule, claims
+
+
+def test_find_docs_spans_and_cover():
+    Doc = tg.Doc
+    t = torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9, 10])
+    docs = tg.find_docs(t)
+    # doc k spans [BOS_k, BOS_{k+1}] inclusive: it ends with the next document's BOS as its last target
+    assert docs == [Doc(0, 4), Doc(3, 3), Doc(5, 2), Doc(6, 4)]
+    assert all(d.length >= 2 for d in docs)
+    targets = [p for d in docs for p in range(d.start + 1, d.start + d.length)]
+    assert targets == list(range(1, len(t)))  # every target exactly once, in order
+    # a leading fragment without BOS is still scored once; a BOS at the very end is only a target
+    assert tg.find_docs(torch.tensor([5, 6, 1, 7, 8])) == [Doc(0, 3), Doc(2, 3)]
+    assert tg.find_docs(torch.tensor([1, 5, 1])) == [Doc(0, 3)]
+    val = make_val([7, 2, 30, 1, 64, 3])
+    docs = tg.find_docs(val.tokens)
+    assert [d.length - 1 for d in docs] == [7, 2, 30, 1, 64, 3]  # a lone BOS: one target (the next BOS)
+    assert sum(d.length - 1 for d in docs) == len(val.tokens) - 1
+
+
+def test_ttt_schedule_longest_first_and_phase_ends():
+    lens = [5, 17, 3, 40, 17, 9, 22, 11, 30, 2]
+    docs = [tg.Doc(100 * i, L) for i, L in enumerate(lens)]
+    h = tiny_h(ttt_batch_size=4, phased_ttt_prefix_docs=7, phased_ttt_num_phases=3)
+    batches, bounds, ends = tg.ttt_schedule(docs, h)
+    asc = sorted(range(len(lens)), key=lambda i: (lens[i], i))
+    # ascending batches of 4, queue reversed: the remainder batch (the 2 longest documents) is processed first
+    assert batches == [asc[8:], asc[4:8], asc[:4]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lens)))
+    longest = [max(lens[i] for i in b) for b in batches]
+    assert longest == sorted(longest, reverse=True)
+    assert bounds == [7 * k // 3 for k in (1, 2, 3)] == [2, 4, 7]
+    done = np.cumsum([len(b) for b in batches])  # documents scored after each queue entry: 2, 6, 10
+    assert ends == [1, 2, 3]
+    for b, e in zip(bounds, ends):  # phase ends after exactly the batch holding its boundary document
+        assert done[e - 1] >= b and (e == 1 or done[e - 2] < b)
+    # an exact multiple has no short batch; prefix larger than the set is clipped; prefix 0 = no phases
+    b8, _, _ = tg.ttt_schedule(docs[:8], h)
+    assert [len(b) for b in b8] == [4, 4]
+    _, bounds, ends = tg.ttt_schedule(docs, tiny_h(phased_ttt_prefix_docs=50, phased_ttt_num_phases=2))
+    assert bounds == [5, 10] and ends == [2, 3]
+    assert tg.ttt_schedule(docs, tiny_h(phased_ttt_prefix_docs=0, phased_ttt_num_phases=3))[1:] == ([], [])
+
+
+def test_work_claimer_single_process():
+    c = tg.WorkClaimer(tiny_h())
+    assert [c.claim("seg0") for _ in range(4)] == [0, 1, 2, 3]
+    assert [c.claim("seg1"), c.claim("seg0"), c.claim("seg1")] == [0, 4, 1]
+    assert tg.WorkClaimer(tiny_h()).claim("seg0") == 0  # a new claimer (a new evaluation) starts from 0
+
+
+# ----------------------------------------------------------------------------- 4. normalised distribution
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_scores_are_full_vocabulary_softmax(with_lora):
+    """exp(-loss) over every possible target at one position sums to 1: no target-dependent renormalisation."""
+    h = tiny_h()
+    m = tiny_model(h)
+    g = torch.Generator().manual_seed(3)
+    T, t = 24, 13
+    ids = torch.randint(2, V, (1, T), generator=g)
+    ids[0, 0] = tg.BOS_ID
+    y = torch.randint(2, V, (1, T), generator=g).repeat(V, 1)
+    y[:, t] = torch.arange(V)
+    loras = head = None
+    if with_lora:
+        gen = torch.Generator().manual_seed(0)
+        loras, head, _ = tg.new_adapters(m, h, 1, CPU, gen)
+        with torch.no_grad():  # trained-looking adapters: B = 0 would leave the logits unchanged
+            for ab in [ab for l in loras for ab in l if ab is not None] + [head]:
+                ab[1].normal_(0, 0.3, generator=gen)
+
+        def tile(ab):
+            return None if ab is None else (ab[0].expand(V, -1, -1), ab[1].expand(V, -1, -1))
+
+        loras = [tg.Lora(*(tile(ab) for ab in l)) for l in loras]
+        head = tile(head)
+    with torch.no_grad():
+        losses = m.token_losses(ids.expand(V, T), y, loras=loras, head_lora=head)
+        plain = m.token_losses(ids.expand(V, T), y)
+    assert torch.logsumexp(-losses[:, t].double(), 0).abs().item() < 1e-5
+    assert torch.allclose(losses[:, :t], losses[:1, :t].expand(V, -1), atol=1e-6)  # same inputs, same earlier scores
+    if with_lora:
+        assert (losses[:, t] - plain[:, t]).abs().max() > 1e-2  # the adapters really changed the distribution
+
+
+# ----------------------------------------------------------------------------- 3. single pass
+
+
+def test_single_pass_eval_val_and_sliding(monkeypatch):
+    h = tiny_h()
+    m = tiny_model(h)
+    val = make_val(padded([150, 3, 1, 64, 65, 9, 40, 16, 2, 70]), end_bos=False)
+    n, nbytes = len(val.tokens) - 1, val.bytes[1:].double().sum().item()
+    assert val.bytes[-1] > 0  # target bytes, not input bytes: the two totals differ by the last token's bytes
+    seen = capture_sums(monkeypatch)
+    tg.eval_val(m, val, h, CPU)
+    assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
+    for stride in (16, 28, 64):  # windows ending exactly at N and a partial last window
+        tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet)
+        assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
+    short = make_val([20, 30])  # N <= window: one window scoring everything
+    tg.eval_sliding(m, short, h, CPU, quiet)
+    assert seen[-1][1].item() == 50 and seen[-1][2].item() == short.bytes[1:].double().sum().item()
+    # the per-rank shares of eval_val and eval_sliding add up to every target once
+    for ws in (2, 3):
+        for fn in (lambda hh: tg.eval_val(m, val, hh, CPU), lambda hh: tg.eval_sliding(m, val, hh, CPU, quiet)):
+            total = torch.zeros(3, dtype=torch.float64)
+            for r in range(ws):
+                fn(tiny_h(rank=r, world_size=ws, is_main_process=r == 0, eval_stride=20))
+                total += seen[-1]
+            assert total[1].item() == n and total[2].item() == nbytes
+
+
+@pytest.mark.parametrize("chunk,window", [(8, 64), (16, 16), (7, 20)])
+def test_single_pass_ttt_mixed_lengths(monkeypatch, chunk, window):
+    """Docs longer than TTT_EVAL_SEQ_LEN, shorter than one chunk, of one target, exact chunk multiples: every target
+    is scored once, each chunk once, and the byte total equals the sidecar's."""
+    h = tiny_h(phased_ttt_prefix_docs=5, phased_ttt_num_phases=2, ttt_chunk_size=chunk, ttt_eval_seq_len=window)
+    m = tiny_model(h)
+    val = make_val(padded([150, 3, 1, 2, 64, 65, 9, 16, 24, 70, 5]), end_bos=False)
+    assert val.bytes[-1] > 0
+    docs = tg.find_docs(val.tokens)
+    assert max(d.length - 1 for d in docs) > h.ttt_eval_seq_len and min(d.length - 1 for d in docs) < h.ttt_chunk_size
+    seen = capture_sums(monkeypatch)
+    _, scores, per_doc = ttt_scores(m, val, h)
+    total = seen[-1]
+    assert total[1].item() == len(val.tokens) - 1
+    assert total[2].item() == val.bytes[1:].double().sum().item()
+    assert total[0].item() == pytest.approx(sum(s.double().sum().item() for s in scores.values()), rel=1e-12)
+    assert sorted(scores) == [d.start for d in docs]
+    C = h.ttt_chunk_size
+    for d in docs:
+        pred = d.length - 1
+        assert [len(x) for x in per_doc[d.start]] == [min(C, pred - C * c) for c in range(-(-pred // C))]
+
+
+def test_ttt_more_phases_than_prefix_docs(monkeypatch):
+    """PHASED_TTT_PREFIX_DOCS below the number of phases (or VAL_DOC_FRACTION leaving few docs) gives an empty
+    first phase; evaluation must still score everything once."""
+    h = tiny_h(phased_ttt_prefix_docs=2, phased_ttt_num_phases=3)
+    m = tiny_model(h)
+    val = make_val([40, 17, 60, 5])
+    assert tg.ttt_schedule(tg.find_docs(val.tokens), h)[1] == [0, 1, 2]
+    seen = capture_sums(monkeypatch)
+    ttt_scores(m, val, h)
+    assert seen[-1][1].item() == len(val.tokens) - 1
+
+
+def test_windows_that_would_skip_targets_are_refused():
+    """A TTT chunk wider than its scoring window, or a sliding stride longer than the window, would leave targets
+    unscored: refused rather than silently reporting a BPB over part of the set."""
+    m = tiny_model(tiny_h())
+    val = make_val([40, 24])
+    with pytest.raises(ValueError, match="TTT_CHUNK_SIZE"):
+        tg.eval_ttt_phased(m, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
+    with pytest.raises(ValueError, match="EVAL_STRIDE"):
+        tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet)
+
+
+# ----------------------------------------------------------------------------- 1. score before update
+
+
+def run_batch(model, h, tokens, nbytes, docs, seed=5):
+    per_doc = defaultdict(list)
+    sums = tg.ttt_batch(model, tokens, nbytes, docs, h, CPU, torch.Generator().manual_seed(seed), per_doc)
+    return sums, per_doc
+
+
+def test_score_before_update_truncation():
+    """The loss of chunk c is the same whether or not the document's later tokens exist: truncate the document
+    after chunk c (and scramble what followed) and chunks 0..c score bit-identically; other documents too."""
+    h = tiny_h()
+    m = tiny_model(h)
+    val = make_val([150, 45, 20, 9])
+    docs = tg.find_docs(val.tokens)[:4]
+    _, base = run_batch(m, h, val.tokens, val.bytes, docs)
+    d, C = docs[0], h.ttt_chunk_size
+    assert len(base[d.start]) == -(-(d.length - 1) // C) == 19
+    changed_later = False
+    for c in (0, 3, 9, 15):  # chunk 9 on: the window slides (C * (c + 1) > TTT_EVAL_SEQ_LEN)
+        cut = C * (c + 1)
+        later = scramble(val, d, seed=c, lo=cut + 1)
+        _, full = run_batch(m, h, later.tokens, later.bytes, docs)
+        trunc_docs = [tg.Doc(d.start, cut + 1)] + docs[1:]
+        sums, trunc = run_batch(m, h, later.tokens, later.bytes, trunc_docs)
+        assert len(trunc[d.start]) == c + 1
+        # the truncated doc's last target is a content token: its bytes count (target bytes, not input bytes)
+        assert sums[1].item() == sum(o.length - 1 for o in trunc_docs)
+        assert sums[2].item() == sum(later.bytes[o.start + 1 : o.start + o.length].sum().item() for o in trunc_docs)
+        for k in range(c + 1):
+            assert torch.equal(trunc[d.start][k], base[d.start][k]), f"chunk {k} changed when truncating after {c}"
+            assert torch.equal(full[d.start][k], base[d.start][k])
+        for o in docs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(trunc[o.start], base[o.start]))
+        changed_later |= any(not torch.equal(a, b) for a, b in zip(full[d.start][c + 1 :], base[d.start][c + 1 :]))
+    assert changed_later  # the scrambled future does matter once it is scored
+
+
+def test_score_before_update_within_chunk():
+    """Changing the token at position p changes no score of a target before p, even inside p's own chunk: the
+    adapters that score chunk c were trained on chunks < c only (training on chunk c first would fail this)."""
+    h = tiny_h()
+    m = tiny_model(h)
+    val = make_val([100, 37, 20, 9])
+    docs = tg.find_docs(val.tokens)[:4]
+    _, base = run_batch(m, h, val.tokens, val.bytes, docs)
+    base_t = torch.cat(base[docs[0].start])
+    C, d = h.ttt_chunk_size, docs[0]
+    for c in (1, 4, 8):
+        j = C * (c + 1) - 1  # last target of chunk c, at position d.start + j + 1
+        t = val.tokens.clone()
+        t[d.start + j + 1] = (t[d.start + j + 1] - 2 + 7) % (V - 2) + 2
+        _, new = run_batch(m, h, t, val.bytes, docs)
+        new_t = torch.cat(new[d.start])
+        assert torch.equal(new_t[:j], base_t[:j])
+        assert new_t[j] != base_t[j]  # the changed target itself is scored differently
+        assert not torch.equal(new_t[j + 1 :], base_t[j + 1 :])  # later targets do see it
+    # with the update path off, later chunks would not change: the adaptation is what is being tested
+    h0 = tiny_h(ttt_lora_lr=0.0)
+    _, b0 = run_batch(m, h0, val.tokens, val.bytes, docs)
+    assert not torch.allclose(torch.cat(b0[d.start]), base_t)
+
+
+# ----------------------------------------------------------------------------- 2. causality across documents
+
+
+CAUSAL_PREDS = [70, 12, 33, 9, 50, 21, 40, 5, 27, 60, 16, 44, 30, 2]
+
+
+def processing_order(val, h):
+    docs = tg.find_docs(val.tokens)
+    batches, bounds, ends = tg.ttt_schedule(docs, h)
+    return docs, batches, bounds, ends
+
+
+def identical(a, b, starts):
+    return all(torch.equal(a[s], b[s]) for s in starts)
+
+
+def changed(a, b, starts):
+    return any(not torch.equal(a[s], b[s]) for s in starts)
+
+
+def test_causality_across_documents_and_phases():
+    h = tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, ttt_batch_size=4)
+    m = tiny_model(h)
+    val = make_val(CAUSAL_PREDS)
+    docs, batches, bounds, ends = processing_order(val, h)
+    assert [len(b) for b in batches] == [2, 4, 4, 4] and bounds == [4, 8] and ends == [2, 3]
+    starts = [[docs[i].start for i in b] for b in batches]  # per queue entry, in processing order
+    order = [i for b in batches for i in b]
+    _, base, _ = ttt_scores(m, val, h)
+
+    # a) the document processed last changes: nothing scored before it (nor its batch mates) moves
+    last = docs[batches[-1][0]]
+    _, s, _ = ttt_scores(m, scramble(val, last, 1), h)
+    assert identical(s, base, [x for b in starts for x in b if x != last.start])
+    assert not torch.equal(s[last.start], base[last.start])
+
+    # b) the first document processed changes: its phase (batches 0-1) is untouched, later phases move because the
+    # global SGD after phase 1 trained on it (it was fully scored by then) - the legal dependence, and the teeth of (a)
+    first = docs[order[0]]
+    _, s, _ = ttt_scores(m, scramble(val, first, 2), h)
+    assert identical(s, base, [x for b in starts[: ends[0]] for x in b if x != first.start])
+    assert changed(s, base, [x for b in starts[ends[0] :] for x in b])
+
+    # c) a document scored in phase 1 but after its boundary (position >= bounds[0]) is not in phase 1's global SGD:
+    # phase 2 docs are unchanged, phase 3 docs (after the SGD on the first bounds[1] docs) change
+    late = docs[order[bounds[0]]]
+    _, s, _ = ttt_scores(m, scramble(val, late, 3), h)
+    assert identical(s, base, [x for b in starts[: ends[1]] for x in b if x != late.start])
+    assert changed(s, base, [x for b in starts[ends[1] :] for x in b])
+
+    # d) global SGD really changes later scores (and only later ones)
+    _, s, _ = ttt_scores(m, val, tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, global_ttt_lr=0.0))
+    assert identical(s, base, [x for b in starts[: ends[0]] for x in b])
+    assert changed(s, base, [x for b in starts[ends[0] :] for x in b])
+
+
+# ----------------------------------------------------------------------------- 5./6. agreement with plain evaluation
+
+
+def test_sliding_equals_plain_on_short_documents():
+    """Every document shorter than window - stride: each target sees its whole document in both evaluations."""
+    h = tiny_h(eval_stride=16)
+    m = tiny_model(h)
+    val = make_val(padded([40, 12, 33, 2, 47, 25, 9, 44, 30, 18, 38]))
+    assert max(d.length - 1 for d in tg.find_docs(val.tokens)) <= h.eval_seq_len - h.eval_stride
+    plain = tg.eval_val(m, val, h, CPU)
+    for stride in (16, 24):
+        sl = tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet)
+        assert sl[0] == pytest.approx(plain[0], abs=1e-6)
+        assert sl[1] == pytest.approx(plain[1], abs=1e-6)
+    # a document longer than the window is cut differently by the two: they must then differ (the check can fail)
+    long_val = make_val(padded([150, 20]))
+    assert abs(tg.eval_sliding(m, long_val, h, CPU, quiet)[0] - tg.eval_val(m, long_val, h, CPU)[0]) > 1e-4
+
+
+def test_ttt_without_updates_equals_plain_evaluation():
+    h0 = tiny_h(ttt_lora_lr=0.0, global_ttt_lr=0.0, phased_ttt_prefix_docs=6, phased_ttt_num_phases=2)
+    m = tiny_model(h0)
+    val = make_val(padded([40, 12, 33, 2, 64, 25, 9, 44, 30, 18, 38, 7]))
+    docs = tg.find_docs(val.tokens)
+    assert max(d.length - 1 for d in docs) <= min(h0.eval_seq_len, h0.ttt_eval_seq_len)
+    plain = tg.eval_val(m, val, h0, CPU)
+    res, scores, _ = ttt_scores(m, val, h0)
+    assert res[0] == pytest.approx(plain[0], abs=1e-5)
+    assert res[1] == pytest.approx(plain[1], abs=1e-5)
+    for d in docs:  # the same targets at the same positions, each with the same context
+        assert torch.allclose(scores[d.start], doc_alone_losses(m, val, d), atol=1e-5)
+    # each adaptation path, on its own, changes the score
+    for over in (dict(ttt_lora_lr=1e-2), dict(global_ttt_lr=1e-1)):
+        res2, _, _ = ttt_scores(m, val, tiny_h(**{**dict(ttt_lora_lr=0.0, global_ttt_lr=0.0, phased_ttt_prefix_docs=6,
+                                                          phased_ttt_num_phases=2), **over}))
+        assert abs(res2[0] - plain[0]) > 1e-4 and abs(res2[1] - plain[1]) > 1e-4, over
+
+
+# ----------------------------------------------------------------------------- rank independence (gloo)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ttt_rank_worker(rank, world, port, out_dir, over, val):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        h = tiny_h(**over, rank=rank, world_size=world, distributed=True, is_main_process=rank == 0)
+        res, scores, _ = ttt_scores(tiny_model(h), val, h)
+        torch.save({"res": res, "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ttt_two_ranks_equal_one(tmp_path):
+    """2 gloo processes claim disjoint batches, all-reduce global-SGD gradients and sums: same score as 1 process."""
+    over = dict(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2)
+    val = make_val(CAUSAL_PREDS)
+    h = tiny_h(**over)
+    one, one_scores, _ = ttt_scores(tiny_model(h), val, h)
+    mp.spawn(_ttt_rank_worker, args=(2, _free_port(), str(tmp_path), over, val), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert not set(r0["scores"]) & set(r1["scores"]), "a batch was scored by both ranks"
+    assert set(r0["scores"]) | set(r1["scores"]) == set(one_scores)
+    assert r0["res"] == r1["res"]
+    assert r0["res"][0] == pytest.approx(one[0], abs=1e-6) and r0["res"][1] == pytest.approx(one[1], abs=1e-6)
+    both = {**r0["scores"], **r1["scores"]}
+    for s, v in one_scores.items():
+        assert torch.allclose(both[s], v, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end (subprocess, prepared_data)
+
+# Small enough for ~30 s per run on one CPU thread: half the val docs in TTT, 256-token chunks, looped depth 2.
+E2E = dict(ITERATIONS=4, EVAL_LOOP_DEPTH=2, VAL_BATCH_TOKENS=4096, TTT_CHUNK_SIZE=256, VAL_DOC_FRACTION=0.5,
+           PHASED_TTT_PREFIX_DOCS=2, PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=256)
+FULL_RUN_LINES = ["diagnostic pre-quantization post-ema val_loss:", "Serialized model quantized+brotli:",
+                  "Total submission size quantized+brotli:", "diagnostic quantized val_loss:", "beginning TTT eval timer",
+                  "ttt_phased: total_docs:", "ttpp: phase:", "tttg: c1/", "ttpr: phase:", "quantized_ttt_phased val_loss:",
+                  "total_eval_time:", "eval_wall_time:"]
+
+
+def run_trainer(data_root, cwd, nproc=1, **over):
+    env = tiny_env(data_root, **{**E2E, **over})
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    script = str(REPO / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        f"--nproc_per_node={nproc}", script]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def metric(out, name):
+    m = re.search(rf"^{re.escape(name)} val_loss:(\S+) val_bpb:(\S+)", out, re.M)
+    assert m, f"no '{name}' result in:\n{out[-3000:]}"
+    return m.group(1), m.group(2)
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared_data, tmp_path_factory):
+    art = tmp_path_factory.mktemp("full_run")
+    r = run_trainer(prepared_data, art, ARTIFACT_DIR=str(art))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return art, r.stdout
+
+
+def test_e2e_full_run_logs(full_run):
+    art, out = full_run
+    pos = [out.find(line) for line in FULL_RUN_LINES]
+    missing = [line for line, p in zip(FULL_RUN_LINES, pos) if p < 0]
+    assert not missing, f"missing log lines {missing}"
+    assert pos == sorted(pos), "log lines out of order"
+    ptz = art / "final_model.int6.ptz"
+    model_bytes = int(re.search(r"^Serialized model quantized\+brotli: (\d+) bytes", out, re.M).group(1))
+    assert model_bytes == os.path.getsize(ptz)
+    code = int(re.search(r"^Code size \(compressed\): (\d+) bytes", out, re.M).group(1))
+    total = int(re.search(r"^Total submission size quantized\+brotli: (\d+) bytes", out, re.M).group(1))
+    assert total == model_bytes + code
+    loss, bpb = map(float, metric(out, "quantized_ttt_phased"))
+    assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
+
+
+def test_e2e_eval_only_rescores_artifact(full_run, prepared_data, tmp_path):
+    """Scoring needs only the .ptz: delete final_model.pt, re-score with EVAL_ONLY=1 -> the very same numbers."""
+    art, out = full_run
+    (art / "final_model.pt").unlink(missing_ok=True)
+    r = run_trainer(prepared_data, tmp_path, EVAL_ONLY=1, ARTIFACT=str(art / "final_model.int6.ptz"),
+                    ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert metric(r.stdout, "quantized_ttt_phased") == metric(out, "quantized_ttt_phased")
+    assert metric(r.stdout, "diagnostic quantized")[0] == metric(out, "diagnostic quantized")[0]
+    assert "train_loss" not in r.stdout and not (tmp_path / "final_model.int6.ptz").exists()
+
+
+def test_e2e_two_ranks_eval_only_agrees(full_run, prepared_data, tmp_path):
+    art, out = full_run
+    r = run_trainer(prepared_data, tmp_path, nproc=2, EVAL_ONLY=1, ARTIFACT=str(art / "final_model.int6.ptz"),
+                    ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "world_size:2" in r.stdout
+    one, two = map(float, metric(out, "quantized_ttt_phased")), map(float, metric(r.stdout, "quantized_ttt_phased"))
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-6
+
+
+def test_e2e_prequant_ttt_refused(prepared_data, tmp_path):
+    r = run_trainer(prepared_data, tmp_path, PREQUANT_TTT_ENABLED=1, ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode != 0
+    msg = r.stderr.strip()
+    assert "score-before-update" in msg and "Traceback" not in msg and len(msg.splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_e2e_eval_only_missing_artifact(prepared_data, tmp_path):
+    missing = tmp_path / "nope.ptz"
+    r = run_trainer(prepared_data, tmp_path, EVAL_ONLY=1, ARTIFACT=str(missing), ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "EVAL_ONLY" in last and str(missing) in last and "does not exist" in last
+
+
+def test_e2e_lzma_and_sliding_window(full_run, prepared_data, tmp_path):
+    """COMPRESSOR=lzma: same trained model, lossless container -> the same quantized diagnostic as the brotli run;
+    SLIDING_WINDOW_ENABLED=1 logs progress and a result."""
+    _, out = full_run
+    r = run_trainer(prepared_data, tmp_path, COMPRESSOR="lzma", SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=128,
+                    TTT_ENABLED=0, ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    ptz = tmp_path / "final_model.int6.ptz"
+    assert ptz.read_bytes()[:1] == b"L"
+    size = int(re.search(r"^Serialized model quantized\+lzma: (\d+) bytes", r.stdout, re.M).group(1))
+    assert size == os.path.getsize(ptz)
+    assert metric(r.stdout, "diagnostic quantized") == metric(out, "diagnostic quantized")
+    assert re.search(r"^sliding_progress: batch 1/\d+ tokens:\d+ running_loss:", r.stdout, re.M)
+    sl = metric(r.stdout, "diagnostic quantized_sliding_window")
+    assert all(math.isfinite(float(v)) for v in sl)
+    assert "beginning TTT eval timer" not in r.stdout
