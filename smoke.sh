@@ -5,12 +5,13 @@
 # tokenizer when both exist, else English docstrings of installed Python modules with a freshly
 # trained 1024-piece CaseOps tokenizer. Runs 2 ranks over gloo (SMOKE_NPROC=1 for one process).
 # Exits non-zero unless the final `quantized_ttt_phased val_loss:... val_bpb:...` line appears.
-#   bash smoke.sh            env: SMOKE_DIR (work dir, default a temp dir), SMOKE_NPROC (2), PYTHON (python3)
+#   bash smoke.sh            env: SMOKE_DIR (work dir, kept; default a temp dir, removed on success),
+#                            SMOKE_NPROC (2), PYTHON (python3)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 NPROC=${SMOKE_NPROC:-2}
-WORK=${SMOKE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pg_smoke.XXXXXX")}
+WORK=${SMOKE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pg_smoke.XXXXXX")}  # a temp dir is removed after success
 mkdir -p "$WORK"
 SAMPLE="$REPO/../shared/data/fineweb_sample_200.jsonl"
 TOKENIZER="$REPO/../shared/data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -77,4 +78,9 @@ if [ "$RC" -ne 0 ] || [ -z "$FINAL" ]; then
     exit 1
 fi
 echo "$FINAL"
-say "OK in $(( $(date +%s) - T0 ))s; work dir $WORK"
+if [ -z "${SMOKE_DIR:-}" ]; then
+    rm -rf "$WORK"
+    say "OK in $(( $(date +%s) - T0 ))s"
+else
+    say "OK in $(( $(date +%s) - T0 ))s; work dir $WORK"
+fi
