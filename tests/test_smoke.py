@@ -1,0 +1,58 @@
+"""Install-level checks: smoke.sh end to end (about a minute on 2 CPU cores), and that README.md stays
+in step with .ci/run and with the trainer's environment variables."""
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_smoke_script_end_to_end(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    env = dict(os.environ, SMOKE_DIR=str(tmp_path / "smoke"), PYTHON=sys.executable)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([bash, str(REPO / "smoke.sh")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = r.stdout
+    assert r.returncode == 0, out[-4000:] + r.stderr[-4000:]
+    assert "world_size:2" in out and "val_bpb:byte_sidecar:enabled" in out
+    losses = [float(x) for x in re.findall(r"^\d+/\d+ train_loss: (\S+)", out, re.M)]
+    assert len(losses) >= 2 and losses[-1] < losses[0], f"training did not lower the loss: {losses}"
+    keys = ["diagnostic pre-quantization post-ema val_loss:", "Total submission size quantized+brotli:",
+            "diagnostic quantized val_loss:", "ttt_phased: total_docs:", "total_eval_time:", "quantized_ttt_phased val_loss:"]
+    pos = [out.find(k) for k in keys]
+    assert -1 not in pos and pos == sorted(pos), f"missing or misordered lines: {dict(zip(keys, pos))}"
+    lines = out.splitlines()
+    m = re.fullmatch(r"quantized_ttt_phased val_loss:(\S+) val_bpb:(\S+) eval_time:\d+ms", lines[-2])
+    assert m, lines[-3:]
+    loss, bpb = float(m[1]), float(m[2])
+    assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
+    assert re.fullmatch(r"smoke \[\d+s\] OK in \d+s(; work dir .*)?", lines[-1]), lines[-1]
+    assert (tmp_path / "smoke" / "run" / "final_model.int6.ptz").is_file()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [l.strip() for l in ci.splitlines() if l.strip() and not l.strip().startswith("#")]
+    pytest_cmd = commands[-1]
+    assert pytest_cmd.startswith("python3 -m pytest"), "the last command of .ci/run must be the test command"
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+    assert any(l.strip().endswith("&& " + pytest_cmd) or l.strip() == pytest_cmd for l in README.splitlines()), \
+        f"README.md must show the exact test command {pytest_cmd!r}"
+
+
+def test_readme_documents_every_env_var():
+    src = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    names = set(re.findall(r'_env\(\s*"([A-Z0-9_]+)"', src)) | set(re.findall(r'os\.environ\.get\(\s*"([A-Z0-9_]+)"', src))
+    assert len(names) > 50
+    missing = sorted(n for n in names if f"`{n}`" not in README)
+    assert not missing, f"README.md does not document {missing}"
