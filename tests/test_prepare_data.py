@@ -594,3 +594,22 @@ def test_from_hub_docs_uses_source_manifest(docs_file, caseops_model, tmp_path, 
     assert m["source"]["hub_repo"] == prep.HUB_DOCS_REPO
     del fake_hub[prep.HUB_DOCS_REPO]["datasets/docs_selected.source_manifest.json"]  # optional file
     assert run_main(args[:2] + ["--out", tmp_path / "hubdocs2"] + args[4:] + ["--val-docs", 3]) == (0, None)
+
+
+def test_verify_accepts_nfkc_letter_next_to_operator(work, caseops_model, capsys):
+    """FineWeb doc 61 of the sample: NFKC turns U+00BA into 'o' right before a TITLE operator, so the tokens
+    describe text CaseOps cannot decode. That is normalisation, not a byte error: verify passes and counts it."""
+    docs = ["Measurement accuracy \u00b10.3\u00baC Measured daily.", "A plain Second doc."]
+    docs_file = write_jsonl(work / "nfkc_docs.jsonl", docs)
+    root = work / "out_nfkc"
+    assert run_main(["--docs", docs_file, "--out", root, "--tokenizer", caseops_model, "--val-docs", 2,
+                     "--shard-tokens", SHARD, "--workers", 1]) == (0, None)
+    assert prep.verify(root, docs_file) == 0
+    out = capsys.readouterr().out
+    assert "mismatches=0" in out and "normalisation: 1)" in out
+    (ds_dir,) = (root / "datasets").iterdir()
+    path = sorted(ds_dir.glob(prep.VAL_BYTES_GLOB))[0]
+    values = prep.read_shard(path).astype(int)
+    values[3] += 1  # a real byte error in the same doc is still caught
+    prep.write_shard(path, values)
+    assert prep.verify(root, docs_file) > 0
