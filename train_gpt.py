@@ -1194,8 +1194,15 @@ def new_adapters(model, h, bsz, device, gen):
     return loras, head, opt
 
 
+def _rows(loras, head, rows):
+    """The adapters of the documents still being scored (an indexed copy that back-propagates into the full set)."""
+    pick = lambda ab: ab and (ab[0][rows], ab[1][rows])
+    return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
+
+
 def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
-    """Score a batch of documents chunk by chunk; after scoring chunk c, one AdamW step on exactly those tokens."""
+    """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
+    Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along."""
     C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
     starts = torch.tensor([d.start for d in docs], device=device)
     pred = torch.tensor([d.length - 1 for d in docs], device=device)
@@ -1203,29 +1210,30 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
     loras, head, opt = new_adapters(model, h, len(docs), device, gen)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
-        active = n_chunks > c
-        last = n_chunks - 1 == c
-        end = torch.where(last, pred, torch.full_like(pred, C * (c + 1)))
+        rows = torch.nonzero(n_chunks > c).flatten()
+        end = torch.where(n_chunks[rows] - 1 == c, pred[rows], torch.full_like(rows, C * (c + 1)))
         ws = (end - W).clamp_min(0)
         width = min(C * (c + 1), W)
         col = torch.arange(width, device=device)
-        pos = starts[:, None] + ws[:, None] + col[None]
-        valid = active[:, None] & (pos < (starts + end)[:, None])
+        pos = starts[rows, None] + ws[:, None] + col[None]
+        valid = pos < (starts[rows] + end)[:, None]
         pos = torch.where(valid, pos, torch.zeros_like(pos))
         x, y = val_dev[pos] * valid, val_dev[pos + 1] * valid
         scored = valid & (col[None] >= (C * c - ws)[:, None])
-        with autocast(device):
-            loss = model.token_losses(x, y, loras=loras, head_lora=head)
-        with torch.no_grad():
-            m = scored.double()
-            sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (bytes_dev[pos + 1].double() * m).sum(), m.new_tensor(x.numel())])
-            if per_doc is not None:
-                for k in torch.nonzero(active).flatten().tolist():
-                    per_doc[docs[k].start].append(loss.detach()[k][scored[k]].cpu())
-        update = active & ~last
-        if update.any():
-            per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
-            for _ in range(h.ttt_grad_steps):
+        update = n_chunks[rows] - 1 > c  # a document's last chunk is scored, never trained on
+        for step in range(h.ttt_grad_steps if update.any() else 1):
+            sub_loras, sub_head = (loras, head) if len(rows) == len(docs) else _rows(loras, head, rows)
+            with autocast(device):
+                loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head)
+            if step == 0:
+                with torch.no_grad():
+                    m = scored.double()
+                    sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (bytes_dev[pos + 1].double() * m).sum(), m.new_tensor(x.numel())])
+                    if per_doc is not None:
+                        for i, k in enumerate(rows.tolist()):
+                            per_doc[docs[k].start].append(loss.detach()[i][scored[i]].cpu())
+            if update.any():
+                per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
                 (per_doc_mean * update).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
