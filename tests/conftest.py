@@ -56,6 +56,18 @@ def have_shared():
     return FINEWEB_SAMPLE.exists() and CASEOPS_TOKENIZER.exists()
 
 
+def make_h(**fields):
+    """train_gpt.Hyperparameters with fields overridden before __init__ runs, so derived fields (train_depths,
+    loop_depth_on, micro_batch_tokens, paths) follow the overrides exactly as they would follow env vars."""
+    import train_gpt as tg
+    h = tg.Hyperparameters.__new__(tg.Hyperparameters)
+    for k, v in fields.items():
+        assert hasattr(tg.Hyperparameters, k), k
+        setattr(h, k, v)
+    h.__init__()
+    return h
+
+
 def tiny_env(data_root, **over):
     """Env for a tiny CPU run of train_gpt.py on a prepared dataset (seconds per step on 2 cores)."""
     env = dict(os.environ)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import make_h
 
 # 4 physical layers (head_dim 16, partial RoPE on 8 dims), loop over layers 1-2, layer 3 parallel, XSA and the
 # attention gate everywhere:
@@ -20,16 +21,6 @@ def cpu_sdpa(monkeypatch):
     """Every test here runs on CPU tensors, i.e. through the SDPA path, even on a machine with FA3/varlen_attn."""
     monkeypatch.setattr(tg, "ATTN_BACKEND", "sdpa")
 
-
-def make_h(**fields):
-    """Hyperparameters with fields overridden before __init__ runs, so derived fields (train_depths,
-    loop_depth_on, micro_batch_tokens, paths) are computed from the overrides exactly as from env vars."""
-    h = tg.Hyperparameters.__new__(tg.Hyperparameters)
-    for k, v in fields.items():
-        assert hasattr(tg.Hyperparameters, k), k
-        setattr(h, k, v)
-    h.__init__()
-    return h
 
 
 def tiny_model(depth=1, seed=0, **over):

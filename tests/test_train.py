@@ -13,20 +13,10 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, prepared_vocab, tiny_env
+from conftest import REPO, make_h, prepared_vocab, tiny_env
 
 TRAIN_GPT = str(REPO / "train_gpt.py")
 
-
-def make_h(**fields):
-    """Hyperparameters with fields overridden before __init__ runs, so derived fields (train_depths, paths,
-    micro_batch_tokens) follow the overrides exactly as they would follow env vars."""
-    h = tg.Hyperparameters.__new__(tg.Hyperparameters)
-    for k, v in fields.items():
-        assert hasattr(tg.Hyperparameters, k), k
-        setattr(h, k, v)
-    h.__init__()
-    return h
 
 
 # ----------------------------------------------------------------------------- CONFIG
