@@ -1578,6 +1578,8 @@ def random_seed(seed):
 if __name__ == "__main__":
     try:
         main()
+    except DataError as e:  # bad input: the message names the file and the fix; a torch traceback would bury it
+        sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
