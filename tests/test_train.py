@@ -391,6 +391,31 @@ def test_two_process_gloo_run_trains_and_packages(prepared_data, tmp_path):
     assert secs < 120, f"2-process tiny run took {secs:.0f}s"
 
 
+def test_failing_rank_ends_the_run_instead_of_hanging(prepared_data, tmp_path):
+    """Rank 1 dies at its third training step while rank 0 waits in a collective: the launcher must end the
+    whole run promptly with a failure (not sit until DIST_TIMEOUT_SECONDS)."""
+    wrapper = tmp_path / "fail_rank1.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import train_gpt as tg\n"
+        "real = tg.training_step\n"
+        "def step(model, opt, loader, h, device, i, frac):\n"
+        "    if h.rank == 1 and i == 2:\n"
+        "        raise RuntimeError('injected rank-1 failure')\n"
+        "    return real(model, opt, loader, h, device, i, frac)\n"
+        "tg.training_step = step\n"
+        "tg.main()\n")
+    env = tiny_env(prepared_data, ITERATIONS=50, WARMUP_STEPS=0, TTT_ENABLED=0, ARTIFACT_DIR=tmp_path, DIST_TIMEOUT_SECONDS=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    secs = time.perf_counter() - t0
+    assert r.returncode != 0
+    assert "injected rank-1 failure" in r.stdout + r.stderr
+    assert secs < 120, f"run took {secs:.0f}s to end after a rank failed"
+
+
 @pytest.fixture(scope="module")
 def small_val_data(prepared_data, tmp_path_factory):
     """prepared_data with the val set cut to its first 8,193 tokens (scoring dominates a tiny CPU run)."""
