@@ -560,6 +560,21 @@ def test_e2e_full_run_logs(full_run):
     assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
 
 
+def test_e2e_resume_from_requantizes_without_training(full_run, prepared_data, tmp_path):
+    """RESUME_FROM=final_model.pt skips training and re-quantizes the same weights with other settings.
+    (Runs before the EVAL_ONLY test below, which deletes final_model.pt.)"""
+    art, out = full_run
+    r = run_trainer(prepared_data, tmp_path, RESUME_FROM=str(art / "final_model.pt"), COMPRESSOR="lzma", TTT_ENABLED=0,
+                    ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "resume_from:" in r.stdout
+    assert not re.search(r"^(\d+/\d+ train_loss|warmup_step:)", r.stdout, re.M)  # no training at all
+    pre = "diagnostic pre-quantization post-ema"
+    assert metric(r.stdout, pre) == metric(out, pre)  # the very weights of the first run
+    assert "Total submission size quantized+lzma:" in r.stdout
+    assert (tmp_path / "final_model.int6.ptz").read_bytes() != (art / "final_model.int6.ptz").read_bytes()
+
+
 def test_e2e_eval_only_rescores_artifact(full_run, prepared_data, tmp_path):
     """Scoring needs only the .ptz: delete final_model.pt, re-score with EVAL_ONLY=1 -> the very same numbers."""
     art, out = full_run
