@@ -569,7 +569,7 @@ class GPT(nn.Module):
         """Final hidden state [B,T,d]. cu: packed-row segments; loras: per-virtual-layer adapters (TTT);
         cap(name, x): activation hook for GPTQ Hessians."""
         h = self.h
-        max_len = h.train_seq_len
+        max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
         x = rms(self.tok_emb(ids))
         x0, rope = x, self.rope(ids.size(1), ids.device)
         enc, dec = layer_plan(h, self.depth)
@@ -1109,20 +1109,21 @@ def eval_sliding(model, val, h, device, log):
     first = ends.index(mine[0]) if mine else 0
     per_fwd, sums, t0 = 32, torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
     for bi in range(0, len(mine), per_fwd):
-        xs, ys, masks, starts = [], [], [], []
+        xs, ys, bs, masks, starts = [], [], [], [], [0]
         for k, e in enumerate(mine[bi : bi + per_fwd]):
             prev = ends[first + bi + k - 1] if first + bi + k > 0 else 0
             s = max(0, e - W)
-            starts.append(sum(len(t) for t in xs))
             xs.append(val.tokens[s:e])
             ys.append(val.tokens[s + 1 : e + 1])
+            bs.append(val.bytes[s + 1 : e + 1])
             masks.append(torch.arange(s + 1, e + 1) > prev)
+            starts.append(starts[-1] + e - s)
         x, y, m = torch.cat(xs), torch.cat(ys), torch.cat(masks)
-        cu = cu_seqlens_for(x.numpy(), W, extra_starts=starts).to(device)
+        cu = cu_seqlens_for(x.numpy(), W, extra_starts=starts[:-1]).to(device)
         with autocast(device):
             loss = model.token_losses(x[None].to(device), y[None].to(device), cu)[0]
         m_dev = m.to(device)
-        nb = torch.cat([val.bytes[s + 1 : e + 1] for s, e in ((max(0, e - W), e) for e in mine[bi : bi + per_fwd])]).double().to(device)
+        nb = torch.cat(bs).double().to(device)
         sums += torch.stack([(loss.double() * m_dev).sum(), m_dev.double().sum(), (nb * m_dev).sum()])
         if h.is_main_process and (bi // per_fwd) % 50 == 0:
             rl, rb = bpb_from_sums(sums)
