@@ -64,8 +64,9 @@ def bench_training(tg, steps, peak):
     toks = synthetic_docs(T, h.vocab_size).cuda()
     x, y = toks[:-1], toks[1:]
     cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()
-    rows = []
-    for depth in sorted({1, *h.train_depths}):
+    rows, use_flex = [], tg.USE_FLEX
+    for flex, depth in [(f, d) for f in ([True, False] if tg.USE_FLEX else [False]) for d in sorted({1, *h.train_depths})]:
+        tg.USE_FLEX = flex
         model.depth = depth
         t0 = time.perf_counter()
 
@@ -82,8 +83,10 @@ def bench_training(tg, steps, peak):
         ms = cuda_time_ms(step, iters=steps)
         fpt = model_flops_per_token(tg, h, depth, cu, T)
         tps = T / ms * 1000
-        rows.append(dict(depth=depth, step_ms=ms, tok_s=tps, flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
+        rows.append(dict(attn="flex" if flex else "fa3" if tg._FA3 else "varlen_attn", depth=depth, step_ms=ms, tok_s=tps,
+                         flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
                          mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
+    tg.USE_FLEX = use_flex
     return rows
 
 
@@ -99,10 +102,55 @@ def bench_attention():
     def fwd_bwd(f):
         return lambda: f().float().square().mean().backward()
 
-    if tg.ATTN_BACKEND in ("fa3", "varlen_attn"):
-        rows[f"{tg.ATTN_BACKEND} (doc-packed varlen)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048)))
+    if tg._FA3:
+        rows["fa3 varlen (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048)))
+    if tg._VARLEN:
+        rows["torch varlen_attn (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048)))
+    bm = tg.packed_block_mask(cu, T)
+    rows["flex_attention + document block mask (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, bm, 2048)))
+    rows["building the block mask from cu_seqlens (once per forward)"] = cuda_time_ms(lambda: tg.packed_block_mask(cu, T))
     qd, kd, vd = (t.detach().view(48, 2048, -1, D).requires_grad_() for t in (q, k, v))
-    rows["sdpa dense causal 48x2048 (no doc mask)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(qd, kd, vd, None, 2048)))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                rows[f"sdpa {name} dense causal 48x2048 (no doc mask; TTT rows)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(qd, kd, vd, None, 2048)))
+        except RuntimeError as e:
+            print(f"sdpa {name}: {e}")
+    return rows
+
+
+def bench_ttt(tg):
+    """Phased-TTT inner loop (score + LoRA step per 48-token chunk) at the eval depth on random weights: row tokens/s
+    per GPU, eager vs compiled, on 64 short docs (FineWeb-like) and 16 long ones (rows at the 2,048 window)."""
+    h = tg.Hyperparameters()
+    dev = torch.device("cuda")
+    rows = []
+    for compiled in (False, True):
+        model = tg.build_model(h, dev)
+        model.depth = h.eval_loop_depth
+        model.requires_grad_(False)
+        warm = "-"
+        if compiled:
+            tg.compile_lora_fns(model)
+            t0, g0 = time.perf_counter(), tg.compiled_graphs()
+            tg.ttt_warmup(model, h, dev, lambda msg: None)
+            warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
+        for name, n, length in (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000)):
+            toks = synthetic_docs(n * length, h.vocab_size, mean_doc=10**9).cuda()
+            toks[::length] = tg.BOS_ID
+            docs = [tg.Doc(i * length, length + 1) for i in range(n)]
+            gen = torch.Generator(device=dev).manual_seed(0)
+            g0 = tg.compiled_graphs()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sums = tg.ttt_batch(model, toks, torch.ones_like(toks), docs, h, dev, gen)
+            torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            rows.append(dict(mode="compiled" if compiled else "eager", work=name, s=t, row_tok_s=sums[3].item() / t,
+                             target_tok_s=sums[1].item() / t, warm=warm, new_graphs=tg.compiled_graphs() - g0))
+        del model
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -151,12 +199,16 @@ def main():
     lines = [f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"world size {torch.cuda.device_count()}, commit {os.environ.get('GIT_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'n/a'}",
              "", f"Measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; attention backend: {tg.ATTN_BACKEND}", "",
-             "| recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
-             "|---|---|---|---|---|---|---|"]
+             "| attention | recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in bench_training(tg, args.steps, peak):
-        lines.append(f"| {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
+        lines.append(f"| {r['attn']} | {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
     lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
+    emit(lines, args.out)
+    lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
+              "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
     emit(lines, args.out)
     if args.e2e_docs:
         import gc

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # ----------------------------------------------------------------------------- CONFIG
 
@@ -49,7 +50,7 @@ class Hyperparameters:
     train_log_every = _env("TRAIN_LOG_EVERY", 500)
     val_loss_every = _env("VAL_LOSS_EVERY", 4000)
     compile = _env("COMPILE", torch.cuda.is_available())
-    ttt_compile = _env("TTT_COMPILE", False)
+    ttt_compile = _env("TTT_COMPILE", torch.cuda.is_available())
     eval_only = _env("EVAL_ONLY", False)
     artifact = _env("ARTIFACT", "")
     resume_from = _env("RESUME_FROM", "")
@@ -347,25 +348,55 @@ class TrainLoader:
 # ----------------------------------------------------------------------------- MODEL
 
 
-def _pick_attention_backend():
+def _fast_attention_kernels():
+    """FA3 if importable, else torch's varlen_attn (FA2), on CUDA; the CPU runs SDPA only."""
     if not torch.cuda.is_available():
-        return "sdpa", None
+        return None, None
     try:
         from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
-        return "fa3", (flash_attn_func, flash_attn_varlen_func)
+        return (flash_attn_func, flash_attn_varlen_func), None
     except ImportError:
         pass
     try:
         from torch.nn.attention.varlen import varlen_attn
-        return "varlen_attn", varlen_attn
+        return None, varlen_attn
     except ImportError:
-        return "sdpa", None
+        return None, None
 
 
-ATTN_BACKEND, _ATTN_FN = _pick_attention_backend()
-if ATTN_BACKEND == "varlen_attn":
-    _VARLEN_PARAMS = inspect.signature(_ATTN_FN).parameters
+_FA3, _VARLEN = _fast_attention_kernels()
+if _VARLEN is not None:
+    _VARLEN_PARAMS = inspect.signature(_VARLEN).parameters
     _VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+# Packed rows without FA3: flex_attention with a document block mask (FLEX_ATTENTION=0 -> varlen_attn).
+USE_FLEX = _FA3 is None and torch.cuda.is_available() and os.environ.get("FLEX_ATTENTION", "1") != "0"
+ATTN_BACKEND = "fa3" if _FA3 else "flex" if USE_FLEX else "varlen_attn" if _VARLEN else "sdpa"
+FLEX_BLOCK = 128
+_flex = torch.compile(flex_attention, dynamic=False)  # eager flex would materialise [T, T] scores
+_FLEX_SEGMENTS = {}  # row length -> (segment-id buffer, mask_mod): one mask_mod object per length, so graphs stay valid
+
+
+def packed_block_mask(cu, n):
+    """flex_attention BlockMask: causal attention within the segments of cu (padded cu_seqlens of a packed row of n
+    tokens, n a multiple of FLEX_BLOCK). Blocks inside one segment skip the mask; blocks of two segments are skipped."""
+    if n not in _FLEX_SEGMENTS:
+        seg = torch.zeros(n, dtype=torch.int32, device=cu.device)
+        _FLEX_SEGMENTS[n] = seg, lambda b, h, q, k: (seg[q] == seg[k]) & (q >= k)
+    seg, mask_mod = _FLEX_SEGMENTS[n]
+    starts = torch.zeros(n + 1, dtype=torch.int32, device=cu.device).index_add_(0, cu.long(), torch.ones_like(cu))
+    seg.copy_(starts[:n].cumsum(0) - 1)  # in place: the mask_mod reads this buffer (padding entries land at n)
+    blocks = seg.view(-1, FLEX_BLOCK)
+    first, last = blocks[:, 0], blocks[:, -1]
+    i = torch.arange(len(first), device=cu.device)
+    below = i[:, None] > i[None]  # [query block, key block]
+    full = below & (first[None] == last[:, None])
+    partial = (below & (last[None] == first[:, None]) & ~full) | (i[:, None] == i[None])
+
+    def kv_lists(m):
+        m = m.int()
+        return m.sum(-1, dtype=torch.int32)[None, None], torch.argsort(m, dim=-1, descending=True, stable=True).int()[None, None]
+
+    return BlockMask.from_kv_blocks(*kv_lists(partial), *kv_lists(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 def _repeat_kv(k, groups):
@@ -373,19 +404,23 @@ def _repeat_kv(k, groups):
 
 
 def attend(q, k, v, cu, max_len):
-    """Causal attention. q [B,T,H,D], k/v [B,T,KV,D]. cu given: one packed row (B=1) attending within segments."""
+    """Causal attention. q [B,T,H,D], k/v [B,T,KV,D]. cu given: one packed row (B=1) attending within segments,
+    as padded cu_seqlens or as a BlockMask from packed_block_mask."""
     groups = q.size(-2) // k.size(-2)
-    if ATTN_BACKEND == "fa3":
+    if isinstance(cu, BlockMask):
+        t = lambda z: z.transpose(1, 2)
+        return t(_flex(t(q), t(k), t(v), block_mask=cu, enable_gqa=groups > 1))
+    if _FA3:
         if cu is None:
-            return _ATTN_FN[0](q, k, v, causal=True)
-        return _ATTN_FN[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
-    if ATTN_BACKEND == "varlen_attn" and cu is not None:
+            return _FA3[0](q, k, v, causal=True)
+        return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
+    if _VARLEN and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
         if "enable_gqa" in _VARLEN_PARAMS:
             kw["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        return _ATTN_FN(q[0], k[0], v[0], cu, cu, max_len, max_len, **kw)[None]
+        return _VARLEN(q[0], k[0], v[0], cu, cu, max_len, max_len, **kw)[None]
     q, k, v = q.transpose(1, 2), _repeat_kv(k, groups).transpose(1, 2), _repeat_kv(v, groups).transpose(1, 2)
     if cu is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -547,6 +582,7 @@ class GPT(nn.Module):
         self.depth = 1
         self._rope = {}
         self.block_fn, self.parallel_fn, self.loss_fn = sequential_block, parallel_block, head_losses
+        self.lora_fns = (sequential_block, parallel_block, head_losses)  # TTT: compile_lora_fns
 
     def weights(self, i):
         L, b = self.h.num_layers, self.blocks[i]
@@ -570,10 +606,14 @@ class GPT(nn.Module):
         cap(name, x): activation hook for GPTQ Hessians."""
         h = self.h
         max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
-        x = rms(self.tok_emb(ids))
-        x0, rope = x, self.rope(ids.size(1), ids.device)
+        x0, rope = rms(self.tok_emb(ids)), self.rope(ids.size(1), ids.device)
+        x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
+        if cu is not None and USE_FLEX and ids.size(1) % FLEX_BLOCK == 0:  # other lengths (sliding windows): varlen
+            cu = packed_block_mask(cu, ids.size(1))
         enc, dec = layer_plan(h, self.depth)
-        seq_fn, par_fn = (sequential_block, parallel_block) if cap else (self.block_fn, self.parallel_fn)
+        seq_fn, par_fn = (sequential_block, parallel_block) if cap else self.lora_fns[:2] if loras else (self.block_fn, self.parallel_fn)
+        if loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
+            x.requires_grad_()
         skips, lane1, slot = [], None, 0
         for i in enc:
             x = seq_fn(x, x0, self.weights(i), rope, cu, max_len, loras and loras[slot], cap and _named(cap, i))
@@ -600,9 +640,14 @@ class GPT(nn.Module):
             cap("tok_emb.weight", rms(hid))
         return softcap_logits(hid, self.tok_emb.weight, head_lora, self.h.logit_softcap)
 
-    def token_losses(self, ids, targets, cu=None, loras=None, head_lora=None):
-        """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax."""
-        return self.loss_fn(self.hidden(ids, cu, loras), self.tok_emb.weight, targets, head_lora, self.h.logit_softcap)
+    def token_losses(self, ids, targets, cu=None, loras=None, head_lora=None, cols=None):
+        """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax; cols [B,C]: only those columns (TTT scores
+        48 of up to 2048 per row, so the vocabulary projection runs on the chunk alone)."""
+        hid = self.hidden(ids, cu, loras)
+        if cols is not None:
+            hid, targets = hid.gather(1, cols[..., None].expand(-1, -1, hid.size(-1))), targets.gather(1, cols)
+        loss_fn = self.lora_fns[2] if head_lora is not None else self.loss_fn
+        return loss_fn(hid, self.tok_emb.weight, targets, head_lora, self.h.logit_softcap)
 
     def forward(self, ids, targets, cu=None):
         return self.token_losses(ids, targets, cu).mean()
@@ -661,6 +706,17 @@ def build_model(h, device):
         model.parallel_fn = torch.compile(parallel_block, dynamic=False, fullgraph=True)
         model.loss_fn = torch.compile(head_losses, dynamic=False, fullgraph=True)
     return model
+
+
+def compile_lora_fns(model):
+    """TTT rows change count and width every chunk: one dynamic-shape graph per function serves them all. Duck sizing
+    is off, or a row count that happens to equal a weight dimension would specialise the graph."""
+    torch.fx.experimental._config.use_duck_shape = False
+    model.lora_fns = tuple(torch.compile(f, dynamic=True) for f in (sequential_block, parallel_block, head_losses))
+
+
+def compiled_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def param_groups(model):
@@ -1191,7 +1247,8 @@ def new_adapters(model, h, bsz, device, gen):
                   ab(d, d) if h.ttt_mlp_lora else None) for _ in range(slots)]
     head = ab(d, V)
     params = [t for l in loras for ab_ in l if ab_ is not None for t in ab_] + list(head)
-    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10, weight_decay=h.ttt_weight_decay)
+    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
+                            weight_decay=h.ttt_weight_decay, fused=device.type == "cuda")
     return loras, head, opt
 
 
@@ -1203,39 +1260,44 @@ def _rows(loras, head, rows):
 
 def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
-    Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along."""
+    Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
+    Row bookkeeping stays on the CPU (no device syncs); the scored columns are always among a row's last C."""
     C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
-    starts = torch.tensor([d.start for d in docs], device=device)
-    pred = torch.tensor([d.length - 1 for d in docs], device=device)
+    starts = torch.tensor([d.start for d in docs])
+    pred = torch.tensor([d.length - 1 for d in docs])
     n_chunks = (pred + C - 1) // C
     loras, head, opt = new_adapters(model, h, len(docs), device, gen)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         rows = torch.nonzero(n_chunks > c).flatten()
-        end = torch.where(n_chunks[rows] - 1 == c, pred[rows], torch.full_like(rows, C * (c + 1)))
+        end = torch.where(n_chunks[rows] - 1 == c, pred[rows], C * (c + 1))
         ws = (end - W).clamp_min(0)
-        width = min(C * (c + 1), W)
-        col = torch.arange(width, device=device)
-        pos = starts[rows, None] + ws[:, None] + col[None]
-        valid = pos < (starts[rows] + end)[:, None]
-        pos = torch.where(valid, pos, torch.zeros_like(pos))
-        x, y = val_dev[pos] * valid, val_dev[pos + 1] * valid
-        scored = valid & (col[None] >= (C * c - ws)[:, None])
         update = n_chunks[rows] - 1 > c  # a document's last chunk is scored, never trained on
+        width = min(C * (c + 1), W)
+        # per row: token offset of column 0, row length, first scored column, update flag
+        base, lim, first, upd = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()]).to(device, non_blocking=True)
+        col = torch.arange(width, device=device)
+        valid = col < lim[:, None]
+        pos = torch.where(valid, base[:, None] + col, 0)
+        x, y = val_dev[pos] * valid, val_dev[pos + 1] * valid
+        cols = lim[:, None] - C + torch.arange(C, device=device)
+        scored = cols >= first[:, None]
+        cols = cols.clamp_min(0)
+        nbytes = bytes_dev[base[:, None] + cols + 1].double()
         for step in range(h.ttt_grad_steps if update.any() else 1):
-            sub_loras, sub_head = (loras, head) if len(rows) == len(docs) else _rows(loras, head, rows)
+            sub_loras, sub_head = (loras, head) if len(rows) == len(docs) else _rows(loras, head, rows.to(device))
             with autocast(device):
-                loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head)
+                loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head, cols=cols)
             if step == 0:
                 with torch.no_grad():
                     m = scored.double()
-                    sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (bytes_dev[pos + 1].double() * m).sum(), m.new_tensor(x.numel())])
+                    sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_tensor(x.numel())])
                     if per_doc is not None:
                         for i, k in enumerate(rows.tolist()):
                             per_doc[docs[k].start].append(loss.detach()[i][scored[i]].cpu())
             if update.any():
                 per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
-                (per_doc_mean * update).sum().backward()
+                (per_doc_mean * upd).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     return sums
@@ -1448,18 +1510,19 @@ def load_artifact_model(h, device, path):
 
 
 def ttt_warmup(model, h, device, log):
-    """Compile the LoRA forward on random tokens (no validation data) before the eval timer starts."""
-    t0 = time.perf_counter()
+    """Compile the LoRA forward on random tokens (no validation data) before the eval timer starts: a full batch of
+    short documents and one long one, so the graphs for many rows, for a single row and for rows past the window
+    all exist before the timer."""
+    model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
+    t0, g0 = time.perf_counter(), compiled_graphs()
     log("ttt_lora:warming up compile (random tokens, no val data)")
-    n = 2 * h.ttt_eval_seq_len
-    toks = torch.randint(8, h.vocab_size, (n + 1,), device=device)
-    toks[0] = toks[h.ttt_eval_seq_len] = BOS_ID
-    docs = [Doc(0, h.ttt_eval_seq_len + 1), Doc(h.ttt_eval_seq_len, h.ttt_eval_seq_len + 1)] * (h.ttt_batch_size // 2)
-    gen = torch.Generator(device=device).manual_seed(0)
-    ttt_batch(model, toks, torch.ones_like(toks), docs, h, device, gen)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s)")
+    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
+    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + 3 * C + 1]
+    toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
+    toks[np.cumsum([0] + lens[:-1])] = BOS_ID
+    docs = [Doc(int(s), n) for s, n in zip(np.cumsum([0] + lens[:-1]), lens)]
+    ttt_batch(model, toks, torch.ones_like(toks), docs, h, device, torch.Generator(device=device).manual_seed(0))
+    log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
 
 
 def evaluate_artifact(h, device, log, val, path, t_start):
@@ -1469,19 +1532,19 @@ def evaluate_artifact(h, device, log, val, path, t_start):
         timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log)
     if not h.ttt_enabled:
         return
+    # global SGD runs eagerly: its packed rows would need their own graphs, compiled inside the timed loop
+    model.block_fn, model.parallel_fn, model.loss_fn = sequential_block, parallel_block, head_losses
     if h.ttt_compile:
-        model.block_fn = torch.compile(sequential_block, dynamic=True)
-        model.parallel_fn = torch.compile(parallel_block, dynamic=True)
-        model.loss_fn = torch.compile(head_losses, dynamic=True)
+        compile_lora_fns(model)
         ttt_warmup(model, h, device, log)
-    else:  # eager: TTT rows change width every chunk; dynamic-shape compile costs minutes of warm-up
-        model.block_fn, model.parallel_fn, model.loss_fn = sequential_block, parallel_block, head_losses
     log("")
     log("beginning TTT eval timer")
-    t0 = time.perf_counter()
+    t0, g0 = time.perf_counter(), compiled_graphs()
     loss, bpb = eval_ttt_phased(model, val, h, device, log)
     sync(device)
     t = time.perf_counter() - t0
+    if h.ttt_compile:
+        log(f"ttt_lora:graphs compiled inside the timer: {compiled_graphs() - g0}")
     log(f"quantized_ttt_phased val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * t:.0f}ms")
     log(f"total_eval_time:{t:.1f}s")
     log(f"eval_wall_time:{time.perf_counter() - t_start:.1f}s (deserialisation, diagnostics, warm-up and TTT)")

@@ -14,12 +14,14 @@ TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads
 
 
 REAL_BACKEND = tg.ATTN_BACKEND
+REAL_KERNELS = dict(_FA3=tg._FA3, _VARLEN=tg._VARLEN, USE_FLEX=tg.USE_FLEX)
 
 
 @pytest.fixture(autouse=True)
 def cpu_sdpa(monkeypatch):
     """Every test here runs on CPU tensors, i.e. through the SDPA path, even on a machine with FA3/varlen_attn."""
-    monkeypatch.setattr(tg, "ATTN_BACKEND", "sdpa")
+    for name, value in dict(_FA3=None, _VARLEN=None, USE_FLEX=False).items():
+        monkeypatch.setattr(tg, name, value)
 
 
 
@@ -169,9 +171,10 @@ def test_dense_attention_is_causal_gqa_reference():
     assert (wrong - out).abs().max() > 1e-2
 
 
-@pytest.mark.skipif(REAL_BACKEND == "sdpa", reason="only the SDPA fallback exists on CPU (FA3 and torch varlen_attn need CUDA)")
+@pytest.mark.skipif(REAL_BACKEND == "sdpa", reason="only the SDPA fallback exists on CPU (FA3, flex and torch varlen_attn run on CUDA)")
 def test_fast_varlen_backend_matches_reference(monkeypatch):
-    monkeypatch.setattr(tg, "ATTN_BACKEND", REAL_BACKEND)
+    for name, value in REAL_KERNELS.items():
+        monkeypatch.setattr(tg, name, value)
     dev = torch.device("cuda")
     tokens = [1] + [5] * 40 + [1] + [6] * 30 + [1] + [7] * 57
     T = len(tokens)
@@ -181,6 +184,67 @@ def test_fast_varlen_backend_matches_reference(monkeypatch):
     torch.testing.assert_close(out, reference_attention(q, k, v, segments_of(cu, T)), atol=3e-2, rtol=3e-2)
     dense = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), None, T).float().cpu()
     torch.testing.assert_close(dense, reference_attention(q, k, v, torch.zeros(T, dtype=torch.long)), atol=3e-2, rtol=3e-2)
+
+
+def packed_docs(lens):
+    return [t for i, n in enumerate(lens) for t in [1] + [2 + i % 7] * (n - 1)]
+
+
+# docs shorter than a block, a doc split at max_len 400 (its first piece covers two whole blocks), boundaries on and off the 128-token block edges
+FLEX_LENS = [5, 123, 1, 300 + 290, 128, 40, 83, 128 + 256, 100, 14, 68]
+
+
+def kv_sets(num, idx):
+    return [set(idx[0, 0, i, : num[0, 0, i]].tolist()) for i in range(num.size(-1))]
+
+
+def test_packed_block_mask_lists_equal_create_block_mask():
+    """The block lists built from cu_seqlens (partial: evaluate the mask; full: skip it; absent: never visited)
+    equal what flex_attention's own create_block_mask derives by evaluating the mask at every position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    tokens = packed_docs(FLEX_LENS)
+    n = len(tokens)
+    assert n % tg.FLEX_BLOCK == 0
+    cu = tg.cu_seqlens_for(tokens, 400, bucket=16)
+    seg = segments_of(cu, n)
+    ref = create_block_mask(lambda b, h, q, k: (seg[q] == seg[k]) & (q >= k), 1, 1, n, n, device="cpu", BLOCK_SIZE=tg.FLEX_BLOCK)
+    bm = tg.packed_block_mask(cu, n)
+    assert kv_sets(bm.kv_num_blocks, bm.kv_indices) == kv_sets(ref.kv_num_blocks, ref.kv_indices)
+    assert kv_sets(bm.full_kv_num_blocks, bm.full_kv_indices) == kv_sets(ref.full_kv_num_blocks, ref.full_kv_indices)
+    assert sum(map(len, kv_sets(bm.full_kv_num_blocks, bm.full_kv_indices))) > 0  # the skip path is exercised
+    dense = bm.to_dense()[0, 0]
+    assert not dense[-1, 0] and dense.sum() < dense.numel() // 2  # blocks of other documents are never visited
+
+
+def test_flex_attention_matches_reference(monkeypatch):
+    """flex_attention with the packed block mask (GQA, [B,T,H,D] layout) = block-diagonal causal reference; a
+    second mask of the same length updates the shared segment buffer in place."""
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(tg, "_flex", flex_attention)  # eager on CPU; CUDA runs the compiled kernel
+    for lens in (FLEX_LENS, FLEX_LENS[::-1]):
+        tokens = packed_docs(lens)
+        n = len(tokens)
+        cu = tg.cu_seqlens_for(tokens, 400, bucket=16)
+        q, k, v = qkv(n, H=8, KV=2, D=16, seed=len(lens))
+        out = tg.attend(q, k, v, tg.packed_block_mask(cu, n), 400)
+        torch.testing.assert_close(out, reference_attention(q, k, v, segments_of(cu, n)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out, tg.attend(q, k, v, cu, 400), atol=1e-5, rtol=1e-4)  # the SDPA fallback agrees
+
+
+def test_compiled_flex_uses_block_lists_and_compiles_once():
+    """The compiled kernel (what CUDA runs) visits only the listed blocks: it must still equal the reference, and a
+    new mask per micro-batch (same length) must reuse the compiled graph (10 s on CPU)."""
+    attend = torch.compile(lambda q, k, v, bm: tg.attend(q, k, v, bm, 256), dynamic=False, fullgraph=True)
+    n, g0 = 512, tg.compiled_graphs()
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(2, 60, (n,), generator=g)
+        tokens[torch.randint(0, n, (6,), generator=g)] = 1
+        cu = tg.cu_seqlens_for(tokens.numpy(), 256, bucket=16)
+        q, k, v = qkv(n, H=4, KV=2, D=16, seed=seed)
+        out = attend(q, k, v, tg.packed_block_mask(cu, n))
+        torch.testing.assert_close(out, reference_attention(q, k, v, segments_of(cu, n)), atol=1e-5, rtol=1e-4)
+    assert tg.compiled_graphs() - g0 == 1
 
 
 # ----------------------------------------------------------------------------- recurrence schedule and curriculum
