@@ -66,6 +66,8 @@ def bench_training(tg, steps, peak):
     cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()
     rows, use_flex = [], tg.USE_FLEX
     for flex, depth in [(f, d) for f in ([True, False] if tg.USE_FLEX else [False]) for d in sorted({1, *h.train_depths})]:
+        if flex != tg.USE_FLEX:  # the other cu type: start from empty compile caches
+            torch._dynamo.reset()
         tg.USE_FLEX = flex
         model.depth = depth
         t0 = time.perf_counter()

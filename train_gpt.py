@@ -606,10 +606,12 @@ class GPT(nn.Module):
         cap(name, x): activation hook for GPTQ Hessians."""
         h = self.h
         max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
+        T = ids.size(1)
+        if cu is not None and USE_FLEX:  # flex for every packed row (one cu type per compiled graph), padded to whole
+            ids = F.pad(ids, (0, -T % FLEX_BLOCK))  # blocks; the padding is its own segment (cu's padding entries are T)
+            cu = packed_block_mask(cu, ids.size(1))
         x0, rope = rms(self.tok_emb(ids)), self.rope(ids.size(1), ids.device)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
-        if cu is not None and USE_FLEX and ids.size(1) % FLEX_BLOCK == 0:  # other lengths (sliding windows): varlen
-            cu = packed_block_mask(cu, ids.size(1))
         enc, dec = layer_plan(h, self.depth)
         seq_fn, par_fn = (sequential_block, parallel_block) if cap else self.lora_fns[:2] if loras else (self.block_fn, self.parallel_fn)
         if loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
@@ -625,7 +627,7 @@ class GPT(nn.Module):
                 x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
             lora, c = loras and loras[slot], cap and _named(cap, i)
             if i >= h.parallel_start_layer:
-                lane1 = x if lane1 is None else lane1
+                lane1 = x.clone() if lane1 is None else lane1  # a copy, for the reason x0 is one
                 x, lane1 = par_fn(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
                                             self.parallel_post_lambdas[i], rope, cu, max_len, lora, c)
             else:
@@ -633,7 +635,7 @@ class GPT(nn.Module):
             slot += 1
         if lane1 is not None:
             x = {"mean": 0.5 * (x + lane1), "attn": x, "mlp": lane1}[h.parallel_final_lane]
-        return x
+        return x[:, :T]
 
     def logits(self, hid, head_lora=None, cap=None):
         if cap is not None:

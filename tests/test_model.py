@@ -247,6 +247,22 @@ def test_compiled_flex_uses_block_lists_and_compiles_once():
     assert tg.compiled_graphs() - g0 == 1
 
 
+def test_model_on_flex_equals_sdpa_path(monkeypatch):
+    """The whole model with FLEX_ATTENTION's path (row padded to whole 128-token blocks, the padding its own segment)
+    gives the logits of the per-segment SDPA path, for a row length that is not a multiple of 128."""
+    from torch.nn.attention.flex_attention import flex_attention
+    model = tiny_model(depth=3)
+    ids, _ = packed_row([70, 5, 90, 33, 1, 101])
+    assert len(ids) % tg.FLEX_BLOCK
+    cu = tg.cu_seqlens_for(ids.numpy(), 64, bucket=16)
+    ref = logits(model, ids[None], cu)
+    monkeypatch.setattr(tg, "USE_FLEX", True)
+    monkeypatch.setattr(tg, "_flex", flex_attention)
+    out = logits(model, ids[None], cu)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- recurrence schedule and curriculum
 
 
