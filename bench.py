@@ -183,6 +183,7 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
     ap.add_argument("--val-docs", type=int, default=500)
@@ -201,17 +202,22 @@ def main():
     lines = [f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"world size {torch.cuda.device_count()}, commit {os.environ.get('GIT_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'n/a'}",
              "", f"Measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; attention backend: {tg.ATTN_BACKEND}", "",
-             "| attention | recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in bench_training(tg, args.steps, peak):
-        lines.append(f"| {r['attn']} | {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
-    lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
+             ]
+    sections = args.sections.split(",")
+    if "train" in sections:
+        lines += ["| attention | recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in bench_training(tg, args.steps, peak):
+            lines.append(f"| {r['attn']} | {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
+    if "attention" in sections:
+        lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
     emit(lines, args.out)
-    lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
-              "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
-    emit(lines, args.out)
+    if "ttt" in sections:
+        lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
+                 "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
+        emit(lines, args.out)
     if args.e2e_docs:
         import gc
         gc.collect()

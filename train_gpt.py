@@ -616,8 +616,12 @@ class GPT(nn.Module):
         seq_fn, par_fn = (sequential_block, parallel_block) if cap else self.lora_fns[:2] if loras else (self.block_fn, self.parallel_fn)
         if loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
             x.requires_grad_()
+            mark_dynamic((0, 1), x0)
+            mark_dynamic((1,), *rope[:2])
+            mark_dynamic((0,), *(t for l in loras for ab in l if ab for t in ab))
         skips, lane1, slot = [], None, 0
         for i in enc:
+            loras and mark_dynamic((0, 1), x)
             x = seq_fn(x, x0, self.weights(i), rope, cu, max_len, loras and loras[slot], cap and _named(cap, i))
             skips.append(x)
             slot += 1
@@ -628,9 +632,11 @@ class GPT(nn.Module):
             lora, c = loras and loras[slot], cap and _named(cap, i)
             if i >= h.parallel_start_layer:
                 lane1 = x.clone() if lane1 is None else lane1  # a copy, for the reason x0 is one
+                loras and mark_dynamic((0, 1), x, lane1)
                 x, lane1 = par_fn(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
                                             self.parallel_post_lambdas[i], rope, cu, max_len, lora, c)
             else:
+                loras and mark_dynamic((0, 1), x)
                 x = seq_fn(x, x0, self.weights(i), rope, cu, max_len, lora, c)
             slot += 1
         if lane1 is not None:
@@ -648,6 +654,7 @@ class GPT(nn.Module):
         hid = self.hidden(ids, cu, loras)
         if cols is not None:
             hid, targets = hid.gather(1, cols[..., None].expand(-1, -1, hid.size(-1))), targets.gather(1, cols)
+            mark_dynamic((0,), hid, targets, *(head_lora or ()))
         loss_fn = self.lora_fns[2] if head_lora is not None else self.loss_fn
         return loss_fn(hid, self.tok_emb.weight, targets, head_lora, self.h.logit_softcap)
 
@@ -711,10 +718,18 @@ def build_model(h, device):
 
 
 def compile_lora_fns(model):
-    """TTT rows change count and width every chunk: one dynamic-shape graph per function serves them all. Duck sizing
+    """TTT rows change count and width every chunk: one graph per function serves them all, with only the row count
+    and width symbolic (mark_dynamic; all-symbolic dynamic=True compiles several times slower). Duck sizing
     is off, or a row count that happens to equal a weight dimension would specialise the graph."""
     torch.fx.experimental._config.use_duck_shape = False
-    model.lora_fns = tuple(torch.compile(f, dynamic=True) for f in (sequential_block, parallel_block, head_losses))
+    model.lora_fns = tuple(torch.compile(f) for f in (sequential_block, parallel_block, head_losses))
+
+
+def mark_dynamic(dims, *tensors):
+    """TTT: mark row (0) / width (1) dimensions symbolic for compile_lora_fns; no effect on eager calls."""
+    for t in tensors:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 def compiled_graphs():
@@ -1277,7 +1292,11 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
         update = n_chunks[rows] - 1 > c  # a document's last chunk is scored, never trained on
         width = min(C * (c + 1), W)
         # per row: token offset of column 0, row length, first scored column, update flag
-        base, lim, first, upd = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()]).to(device, non_blocking=True)
+        meta = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()])
+        live = len(rows)
+        if live == 1:  # a padding row rides along, nothing scored or trained: one row would need its own graphs
+            rows, meta = torch.cat([rows, (rows + 1) % len(docs)]), torch.cat([meta, torch.tensor([[0], [1], [C + 1], [0]])], 1)
+        base, lim, first, upd = meta.to(device, non_blocking=True)
         col = torch.arange(width, device=device)
         valid = col < lim[:, None]
         pos = torch.where(valid, base[:, None] + col, 0)
@@ -1287,7 +1306,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
         cols = cols.clamp_min(0)
         nbytes = bytes_dev[base[:, None] + cols + 1].double()
         for step in range(h.ttt_grad_steps if update.any() else 1):
-            sub_loras, sub_head = (loras, head) if len(rows) == len(docs) else _rows(loras, head, rows.to(device))
+            sub_loras, sub_head = (loras, head) if live == len(docs) else _rows(loras, head, rows.to(device))
             with autocast(device):
                 loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head, cols=cols)
             if step == 0:
@@ -1295,7 +1314,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
                     m = scored.double()
                     sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_tensor(x.numel())])
                     if per_doc is not None:
-                        for i, k in enumerate(rows.tolist()):
+                        for i, k in enumerate(rows[:live].tolist()):
                             per_doc[docs[k].start].append(loss.detach()[i][scored[i]].cpu())
             if update.any():
                 per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)

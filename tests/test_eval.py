@@ -377,6 +377,23 @@ def test_score_before_update_within_chunk():
     assert not torch.allclose(torch.cat(b0[d.start]), base_t)
 
 
+def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
+    """The vocabulary projection runs on the C chunk columns only (not the whole window), and a batch never shrinks
+    to one row (a finished document rides along unscored), so compiled TTT needs one graph per function."""
+    h = tiny_h()
+    m = tiny_model(h)
+    widths, rows = [], []
+    seq, par, head = m.lora_fns
+    m.lora_fns = (lambda x, *a, **k: rows.append(x.size(0)) or seq(x, *a, **k), par,
+                  lambda hid, *a: widths.append(hid.size(1)) or head(hid, *a))
+    val = make_val([150, 45, 20, 9])
+    docs = tg.find_docs(val.tokens)[:4]
+    sums, per_doc = run_batch(m, h, val.tokens, val.bytes, docs)
+    assert set(widths) == {h.ttt_chunk_size} and min(rows) == 2 and max(rows) == 4
+    assert sums[1].item() == sum(d.length - 1 for d in docs)  # the riding document adds nothing to the sums
+    assert sums[2].item() == sum(val.bytes[d.start + 1 : d.start + d.length].sum().item() for d in docs)
+
+
 # ----------------------------------------------------------------------------- 2. causality across documents
 
 
