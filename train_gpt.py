@@ -1306,7 +1306,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
         cols = cols.clamp_min(0)
         nbytes = bytes_dev[base[:, None] + cols + 1].double()
         for step in range(h.ttt_grad_steps if update.any() else 1):
-            sub_loras, sub_head = (loras, head) if live == len(docs) else _rows(loras, head, rows.to(device))
+            sub_loras, sub_head = (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
             with autocast(device):
                 loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head, cols=cols)
             if step == 0:
