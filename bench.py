@@ -171,7 +171,7 @@ def run_e2e(args, log_dir):
     text = open(os.path.join(log_dir, "bench_e2e.log")).read()
     grab = lambda pat: (re.findall(pat, text) or ["n/a"])[-1]
     return {
-        "steps": grab(r"(\d+)/\d+ train_loss"), "pre-quant bpb": grab(r"pre-quantization post-ema .*val_bpb:([\d.]+)"),
+        "steps": grab(r"stopping_early: .* step: (\d+)/") if "stopping_early" in text else grab(r"(\d+)/\d+ train_loss"), "pre-quant bpb": grab(r"pre-quantization post-ema .*val_bpb:([\d.]+)"),
         "quantized bpb": grab(r"diagnostic quantized val_loss:\S+ val_bpb:([\d.]+)"),
         "post-TTT bpb": grab(r"quantized_ttt_phased .*val_bpb:([\d.]+)"), "artifact bytes": grab(r"Total submission size \S+: (\d+)"),
         "TTT warm-up s": grab(r"compile warmup done \(([\d.]+)s"), "TTT eval s": grab(r"total_eval_time:([\d.]+)"),

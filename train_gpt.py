@@ -1487,12 +1487,13 @@ def train(model, h, device, log, val):
         step += 1
         sync(device)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        stats = torch.stack([loss.float(), torch.tensor(float(cap_ms > 0 and elapsed >= cap_ms), device=device)])
+        if h.distributed:  # summed: the logged loss is the global batch's mean; any rank past the cap stops all
+            dist.all_reduce(stats)
+        loss, stop = stats.tolist()
         if step <= 5 or step % h.train_log_every == 0:
-            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m tok/s: {step * h.micro_batch_tokens * h.grad_accum_steps * h.world_size / (elapsed / 1000):.0f}")
-        flag = torch.tensor(float(cap_ms > 0 and elapsed >= cap_ms), device=device)
-        if h.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
+            log(f"{step}/{h.iterations} train_loss: {loss / h.world_size:.4f} train_time: {elapsed / 60000:.1f}m tok/s: {step * h.micro_batch_tokens * h.grad_accum_steps * h.world_size / (elapsed / 1000):.0f}")
+        stop = stop > 0
     train_ms += 1000 * (time.perf_counter() - t0) if h.val_loss_every <= 0 else 0
     if stop:
         log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
@@ -1531,18 +1532,29 @@ def load_artifact_model(h, device, path):
 
 
 def ttt_warmup(model, h, device, log):
-    """Compile the LoRA forward on random tokens (no validation data) before the eval timer starts: a full batch of
-    short documents and one long one, so the graphs for many rows, for a single row and for rows past the window
-    all exist before the timer."""
-    model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
+    """Compile before the eval timer, on random tokens (no validation data): the LoRA forward for a full batch of short
+    documents and one long one (many rows, the padded lone row, rows past the window), then one global-SGD
+    forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
     t0, g0 = time.perf_counter(), compiled_graphs()
     log("ttt_lora:warming up compile (random tokens, no val data)")
+    model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
     C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
     lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + 3 * C + 1]
+    starts = np.cumsum([0] + lens[:-1])
     toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
-    toks[np.cumsum([0] + lens[:-1])] = BOS_ID
-    docs = [Doc(int(s), n) for s, n in zip(np.cumsum([0] + lens[:-1]), lens)]
-    ttt_batch(model, toks, torch.ones_like(toks), docs, h, device, torch.Generator(device=device).manual_seed(0))
+    toks[torch.from_numpy(starts).to(device)] = BOS_ID
+    ttt_batch(model, toks, torch.ones_like(toks), [Doc(int(s), n) for s, n in zip(starts, lens)], h, device,
+              torch.Generator(device=device).manual_seed(0))
+    nseq = h.global_ttt_chunk_tokens // W
+    n = (nseq * (h.rank + 1) // h.world_size - nseq * h.rank // h.world_size) * W
+    if h.phased_ttt_prefix_docs > 0 and n > 0:
+        model.requires_grad_(True)
+        x = torch.randint(8, h.vocab_size, (n + 1,))
+        with autocast(device):
+            loss = model.token_losses(x[None, :-1].to(device), x[None, 1:].to(device), cu_seqlens_for(x[:-1].numpy(), W, extra_starts=range(0, n, W)).to(device))
+        loss.sum().backward()
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
     log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
 
 

@@ -394,6 +394,20 @@ def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
     assert sums[2].item() == sum(val.bytes[d.start + 1 : d.start + d.length].sum().item() for d in docs)
 
 
+def test_ttt_warmup_leaves_weights_and_flags_untouched():
+    """The warm-up before the timer trains LoRA adapters and runs a global-SGD backward on random tokens: the base
+    weights it leaves behind must be bit-identical and frozen, so the scored model is the artifact's."""
+    h = tiny_h(phased_ttt_prefix_docs=4, phased_ttt_num_phases=2)
+    m = tiny_model(h)
+    m.requires_grad_(True)  # as loaded from the artifact
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    lines = []
+    tg.ttt_warmup(m, h, CPU, lines.append)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(p.requires_grad or p.grad is not None for p in m.parameters())
+    assert lines[-1].startswith("ttt_lora:compile warmup done")
+
+
 # ----------------------------------------------------------------------------- 2. causality across documents
 
 
