@@ -1324,13 +1324,27 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
     return sums
 
 
+def global_sgd_loss(model, chunk, h, device):
+    """This rank's share of one global-SGD chunk (CPU tokens, targets included): its whole TTT_EVAL_SEQ_LEN
+    sequences, each its own segment (same math on any rank count); None when it has none. Scaled so that the
+    rank average of the gradients is the chunk's token mean."""
+    seq = h.ttt_eval_seq_len
+    nseq = (len(chunk) - 1) // seq
+    a, b = nseq * h.rank // h.world_size * seq, nseq * (h.rank + 1) // h.world_size * seq
+    if b <= a:
+        return None
+    x, y = chunk[a:b], chunk[a + 1 : b + 1]
+    with autocast(device):
+        nll = model.token_losses(x[None].to(device), y[None].to(device), cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)).sum()
+    return nll * h.world_size / (nseq * seq)
+
+
 def global_sgd(model, val, docs, h, device, log, phase):
     """Phase step of PR #1626's phased TTT: plain SGD on the base model over already-scored documents only."""
     if not docs:  # boundary 0 (PHASED_TTT_PREFIX_DOCS < phases): nothing scored to train on yet
         return
     toks = torch.cat([val.tokens[d.start : d.start + d.length - 1] for d in docs])
     n = -(-len(toks) // h.global_ttt_chunk_tokens)
-    seq = h.ttt_eval_seq_len
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -1341,14 +1355,9 @@ def global_sgd(model, val, docs, h, device, log, phase):
             lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            chunk = toks[c * h.global_ttt_chunk_tokens : (c + 1) * h.global_ttt_chunk_tokens + 1]
-            nseq = (len(chunk) - 1) // seq
-            a, b = nseq * h.rank // h.world_size * seq, nseq * (h.rank + 1) // h.world_size * seq
-            if b > a:
-                x, y = chunk[a:b], chunk[a + 1 : b + 1]  # each sequence its own segment: same math on any rank count
-                with autocast(device):
-                    nll = model.token_losses(x[None].to(device), y[None].to(device), cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)).sum()
-                (nll * h.world_size / (nseq * seq)).backward()  # rank-averaged below -> global token mean
+            loss = global_sgd_loss(model, toks[c * h.global_ttt_chunk_tokens : (c + 1) * h.global_ttt_chunk_tokens + 1], h, device)
+            if loss is not None:
+                loss.backward()
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -1545,14 +1554,11 @@ def ttt_warmup(model, h, device, log):
     toks[torch.from_numpy(starts).to(device)] = BOS_ID
     ttt_batch(model, toks, torch.ones_like(toks), [Doc(int(s), n) for s, n in zip(starts, lens)], h, device,
               torch.Generator(device=device).manual_seed(0))
-    nseq = h.global_ttt_chunk_tokens // W
-    n = (nseq * (h.rank + 1) // h.world_size - nseq * h.rank // h.world_size) * W
-    if h.phased_ttt_prefix_docs > 0 and n > 0:
+    if h.phased_ttt_prefix_docs > 0:
         model.requires_grad_(True)
-        x = torch.randint(8, h.vocab_size, (n + 1,))
-        with autocast(device):
-            loss = model.token_losses(x[None, :-1].to(device), x[None, 1:].to(device), cu_seqlens_for(x[:-1].numpy(), W, extra_starts=range(0, n, W)).to(device))
-        loss.sum().backward()
+        loss = global_sgd_loss(model, torch.randint(8, h.vocab_size, (h.global_ttt_chunk_tokens + 1,)), h, device)
+        if loss is not None:
+            loss.backward()
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
     log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
