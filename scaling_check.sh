@@ -5,8 +5,7 @@
 set -u
 CORPUS=$1 TOKENIZER=$2 OUT=${3:-logs} WORK=${WORK:-/tmp/pg_scaling}
 mkdir -p "$OUT" "$WORK"
-python3 -c "import lzma,itertools,sys; f=(lzma.open if sys.argv[1].endswith('.xz') else open)(sys.argv[1],'rt'); open(sys.argv[2],'w').writelines(itertools.islice(f, 8000))" "$CORPUS" "$WORK/docs.jsonl"
-python3 prepare_caseops_data.py --docs "$WORK/docs.jsonl" --out "$WORK/data" --tokenizer "$TOKENIZER" --val-docs 50 \
+python3 prepare_caseops_data.py --docs "$CORPUS" --max-docs 8000 --out "$WORK/data" --tokenizer "$TOKENIZER" --val-docs 50 \
   --shard-tokens 10000000 --overwrite > "$OUT/scale_prep.log" 2>&1 || { tail -5 "$OUT/scale_prep.log"; exit 1; }
 export DATA_DIR=$WORK/data ITERATIONS=30 MAX_WALLCLOCK_SECONDS=0 TRAIN_LOG_EVERY=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 \
   WARMUP_STEPS=3 GPTQ_CALIBRATION_BATCHES=2 SEED=0
