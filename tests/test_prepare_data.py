@@ -68,22 +68,23 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("prep")
 
 
+def shared_or_trained(shared, work, transform, vocab_size, n_docs):
+    """The shared tokenizer file, or a small one trained here on generated docs."""
+    if shared.exists():
+        return shared
+    docs = write_jsonl(work / f"gen_docs_{transform}.jsonl", generated_docs(n_docs))
+    return prep.train_tokenizer(docs, transform, vocab_size, 0, None, 10_000, work / f"tok_{transform}", 2, False)
+
+
 @pytest.fixture(scope="session")
 def caseops_model(work):
-    """The shared CaseOps tokenizer, or a small one trained here on generated docs."""
-    if CASEOPS_TOKENIZER.exists():
-        return CASEOPS_TOKENIZER
-    docs = write_jsonl(work / "gen_docs.jsonl", generated_docs(200))
-    return prep.train_tokenizer(docs, "caseops", 768, 0, None, 10_000, work / "tok_caseops", 2, False)
+    return shared_or_trained(CASEOPS_TOKENIZER, work, "caseops", 768, 200)
 
 
 @pytest.fixture(scope="session")
 def plain_model(work):
     """A tokenizer without CaseOps operators (shared SP1024, or trained here)."""
-    if PLAIN_1024.exists():
-        return PLAIN_1024
-    docs = write_jsonl(work / "gen_docs_plain.jsonl", generated_docs(100))
-    return prep.train_tokenizer(docs, "none", 400, 0, None, 10_000, work / "tok_plain", 2, False)
+    return shared_or_trained(PLAIN_1024, work, "none", 400, 100)
 
 
 @pytest.fixture(scope="session")
