@@ -626,12 +626,13 @@ class GPT(nn.Module):
             skips.append(x)
             slot += 1
         for j, i in enumerate(dec):
+            if i >= h.parallel_start_layer and lane1 is None:  # lane 1 starts before the skip: skips feed lane 0 only
+                lane1 = x.clone()  # a copy, for the reason x0 is one
             if j < self.num_skips and skips:
                 g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
                 x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
             lora, c = loras and loras[slot], cap and _named(cap, i)
             if i >= h.parallel_start_layer:
-                lane1 = x.clone() if lane1 is None else lane1  # a copy, for the reason x0 is one
                 loras and mark_dynamic((0, 1), x, lane1)
                 x, lane1 = par_fn(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
                                             self.parallel_post_lambdas[i], rope, cu, max_len, lora, c)
@@ -1339,6 +1340,12 @@ def global_sgd_loss(model, chunk, h, device):
     return nll * h.world_size / (nseq * seq)
 
 
+def global_sgd_docs(docs, scored_batches, boundary):
+    """A phase's global-SGD data, as in the records: of the scored documents, the first `boundary` in batch order
+    with batches numbered shortest first (the queue runs them longest first), i.e. the shortest scored documents."""
+    return [docs[i] for b in reversed(scored_batches) for i in b][:boundary]
+
+
 def global_sgd(model, val, docs, h, device, log, phase):
     """Phase step of PR #1626's phased TTT: plain SGD on the base model over already-scored documents only."""
     if not docs:  # boundary 0 (PHASED_TTT_PREFIX_DOCS < phases): nothing scored to train on yet
@@ -1398,7 +1405,7 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
                 lens = [docs[i].length for i in batches[q]]
                 log(f"ttp: b{len(batches) - q}/{len(batches)} bl:{bl:.4f} bb:{bb:.4f} rl:{rl:.4f} rb:{rb:.4f} dl:{min(lens)}-{max(lens)} gd:{min(phase, len(bounds))}")
         if phase < len(bounds):
-            prefix = [docs[i] for b in batches[:hi] for i in b][: bounds[phase]]
+            prefix = global_sgd_docs(docs, batches[:hi], bounds[phase])
             log(f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} t:{time.perf_counter() - t0:.1f}s")
             global_sgd(model, val, prefix, h, device, log, phase)
             log(f"ttpr: phase:{phase + 1}/{len(bounds)} t:{time.perf_counter() - t0:.1f}s")
@@ -1461,6 +1468,15 @@ def warmup(model, opt, h, device, log):
     model.depth = 1
 
 
+def eval_in_loop(model, val, h, device):
+    """In-loop validation at EVAL_LOOP_DEPTH, as the records log it, whatever depth training is at."""
+    depth, model.depth = model.depth, h.eval_loop_depth
+    try:
+        return eval_val(model, val, h, device)
+    finally:
+        model.depth = depth
+
+
 def train(model, h, device, log, val):
     opt = Optimizers(model, h)
     warmup(model, opt, h, device, log)
@@ -1478,7 +1494,7 @@ def train(model, h, device, log, val):
         if h.val_loss_every > 0 and (step % h.val_loss_every == 0 or last):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = eval_val(model, val, h, device)
+            vl, vb = eval_in_loop(model, val, h, device)
             log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(device)
             t0 = time.perf_counter()

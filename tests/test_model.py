@@ -122,6 +122,50 @@ def test_packed_row_equals_each_document_alone(depth):
     assert (unpacked[-len(docs[-1]) :] - packed[-len(docs[-1]) :]).abs().max() > 1e-3
 
 
+# ----------------------------------------------------------------------------- parallel decoder lanes
+
+
+def records_hidden(model, ids):
+    """The records' decoder rule, written out directly: at the first parallel layer both lanes start from x as it
+    is *before* that layer's U-Net skip; every skip from then on goes to lane 0 only; the output is the lane mean."""
+    h, x0 = model.h, tg.rms(model.tok_emb(ids))
+    rope, max_len = model.rope(ids.size(1), ids.device), h.train_seq_len
+    enc, dec = tg.layer_plan(h, model.depth)
+    x, skips = x0, []
+    for i in enc:
+        x = tg.sequential_block(x, x0, model.weights(i), rope, None, max_len)
+        skips.append(x)
+    lanes = None
+    for j, i in enumerate(dec):
+        if i >= h.parallel_start_layer and lanes is None:
+            lanes = [x, x]
+        if j < model.num_skips and skips:
+            g, s = torch.sigmoid(model.skip_gates[j]), model.skip_weights[j] * skips.pop()
+            if lanes is None:
+                x = g * x + (1 - g) * s
+            else:
+                lanes[0] = g * lanes[0] + (1 - g) * s
+        if lanes is None:
+            x = tg.sequential_block(x, x0, model.weights(i), rope, None, max_len)
+        else:
+            lanes = list(tg.parallel_block(*lanes, x0, model.weights(i), model.parallel_resid_lambdas[i],
+                                           model.parallel_post_lambdas[i], rope, None, max_len))
+    return 0.5 * (lanes[0] + lanes[1])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_parallel_lanes_follow_the_records_rule(depth):
+    """Lane 1 must not receive the skip of the first parallel layer (trained-looking weights: with zero output
+    projections both rules agree, which hid this)."""
+    model = tiny_model(depth)
+    enc, dec = tg.layer_plan(model.h, depth)
+    first_parallel = next(j for j, i in enumerate(dec) if i >= model.h.parallel_start_layer)
+    assert first_parallel < min(model.num_skips, len(enc)), "the first parallel layer must receive a skip"
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(ids), records_hidden(model, ids), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- attention backends
 
 
