@@ -466,24 +466,39 @@ def test_causality_across_documents_and_phases():
     assert identical(s, base, [x for b in starts for x in b if x != last.start])
     assert not torch.equal(s[last.start], base[last.start])
 
-    # b) the first document processed changes: its phase (batches 0-1) is untouched, later phases move because the
-    # global SGD after phase 1 trained on it (it was fully scored by then) - the legal dependence, and the teeth of (a)
-    first = docs[order[0]]
+    # b) a document in phase 1's global-SGD data changes: its phase (batches 0-1) is untouched, later phases move
+    # because the global SGD after phase 1 trained on it (it was fully scored by then) - the legal dependence, and
+    # the teeth of (a)
+    sgd1 = tg.global_sgd_docs(docs, batches[: ends[0]], bounds[0])
+    first = sgd1[0]
     _, s, _ = ttt_scores(m, scramble(val, first, 2), h)
     assert identical(s, base, [x for b in starts[: ends[0]] for x in b if x != first.start])
     assert changed(s, base, [x for b in starts[ends[0] :] for x in b])
 
-    # c) a document scored in phase 1 but after its boundary (position >= bounds[0]) is not in phase 1's global SGD:
-    # phase 2 docs are unchanged, phase 3 docs (after the SGD on the first bounds[1] docs) change
-    late = docs[order[bounds[0]]]
+    # c) the first document processed is scored in phase 1 but, being among the longest, is in no phase's global-SGD
+    # data (the records keep the shortest scored documents): no other document's score may depend on it
+    late = docs[order[0]]
+    assert late not in sgd1 and late not in tg.global_sgd_docs(docs, batches[: ends[1]], bounds[1])
     _, s, _ = ttt_scores(m, scramble(val, late, 3), h)
-    assert identical(s, base, [x for b in starts[: ends[1]] for x in b if x != late.start])
-    assert changed(s, base, [x for b in starts[ends[1] :] for x in b])
+    assert identical(s, base, [x for b in starts for x in b if x != late.start])
 
     # d) global SGD really changes later scores (and only later ones)
     _, s, _ = ttt_scores(m, val, tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, global_ttt_lr=0.0))
     assert identical(s, base, [x for b in starts[: ends[0]] for x in b])
     assert changed(s, base, [x for b in starts[ends[0] :] for x in b])
+
+
+def test_global_sgd_data_is_the_shortest_scored_documents_in_batch_order():
+    """The records sort scored documents by (batch index, position) with batches numbered shortest first and keep
+    the first `boundary`: the shortest scored documents, not the first processed (the longest)."""
+    h = tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, ttt_batch_size=4)
+    docs, batches, bounds, ends = processing_order(make_val(CAUSAL_PREDS), h)
+    for phase in range(2):
+        scored = [docs[i] for b in batches[: ends[phase]] for i in b]
+        picked = tg.global_sgd_docs(docs, batches[: ends[phase]], bounds[phase])
+        assert len(picked) == bounds[phase] < len(scored)
+        assert [d.length for d in picked] == sorted(d.length for d in scored)[: bounds[phase]]
+        assert set(picked) <= set(scored)
 
 
 # ----------------------------------------------------------------------------- 5./6. agreement with plain evaluation
