@@ -462,3 +462,72 @@ def test_seed_reproducibility(small_val_data, tmp_path):
     a, b, c = losses(7, "a"), losses(7, "b"), losses(8, "c")
     assert a == b
     assert a != c and all(x[2] != y[2] for x, y in zip(a, c))
+
+
+# ----------------------------------------------------------------------------- warm-up and in-loop validation
+
+TINY_TRAIN = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
+                  parallel_start_layer=3, xsa_last_n=4, train_batch_tokens=512, grad_accum_override=1,
+                  train_seq_len=128, eval_seq_len=128, compile=False, warmup_steps=3, train_loop_prewarm_depths="3")
+
+
+def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
+    """Warm-up trains (to compile every graph) and must then restore everything: the model equals its initial
+    weights, every optimizer state tensor equals a fresh optimizer's, and the first real step equals a step of a
+    run without warm-up on the same batch."""
+    import copy
+    cpu = torch.device("cpu")
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN)
+    torch.manual_seed(0)
+    model = tg.build_model(h, cpu)
+    fresh = copy.deepcopy(model)
+    opt = tg.Optimizers(model, h)
+    tg.warmup(model, opt, h, cpu, lambda msg: None)
+    fresh_opt = tg.Optimizers(fresh, h)
+    assert model.depth == 1
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    (adam, muon), (adam0, muon0) = opt.state_dict(), fresh_opt.state_dict()
+    assert adam["state"].keys() == adam0["state"].keys()
+    for k in adam0["state"]:
+        for name, t in adam0["state"][k].items():
+            assert torch.equal(adam["state"][k][name], t), (k, name)
+    assert [g["lr"] for g in adam["param_groups"]] == [g["lr"] for g in adam0["param_groups"]]
+    assert all(torch.equal(m, m0) for m, m0 in zip(muon, muon0))
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        for step in range(2):
+            tg.training_step(m, o, FixedBatches(h, prepared_data), h, cpu, step, 0.5)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+class FixedBatches:
+    """The first training batch of the shards, every time."""
+
+    def __init__(self, h, root):
+        loader = tg.TrainLoader(h, torch.device("cpu"))
+        self.batch = loader.next_batch()
+
+    def next_batch(self):
+        return self.batch
+
+
+def test_in_loop_validation_runs_at_the_eval_depth(prepared_data):
+    """The records log `step/iterations val_loss` at EVAL_LOOP_DEPTH; training depth is restored afterwards."""
+    cpu = torch.device("cpu")
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN, eval_loop_depth=3)
+    import sentencepiece as spm
+    val = tg.load_val(h, spm.SentencePieceProcessor(model_file=h.tokenizer_path))
+    val = tg.ValData(val.tokens[: 4 * 128 + 1], val.bytes[: 4 * 128 + 1], val.source)
+    torch.manual_seed(0)
+    model = tg.build_model(h, cpu)
+    with torch.no_grad():  # trained-looking weights: at the zero init every depth gives the same loss
+        for p in (model.qo_bank, model.mlp_down_bank):
+            p.add_(0.05 * torch.randn_like(p))
+    model.depth = 1
+    got = tg.eval_in_loop(model, val, h, cpu)
+    assert model.depth == 1
+    at1 = tg.eval_val(model, val, h, cpu)
+    model.depth = 3
+    at3 = tg.eval_val(model, val, h, cpu)
+    assert got == at3 and abs(at1[0] - at3[0]) > 1e-4
