@@ -414,6 +414,36 @@ def test_bad_input_late_in_file_with_workers_no_traceback(tmp_path, caseops_mode
     assert "Traceback" not in proc.stderr and f"{path}:301: invalid JSON" in proc.stderr
 
 
+@pytest.mark.parametrize("content, extra, expected", [
+    (b"", [], "no documents (the file is empty"),
+    (b"\n  \n\n", [], "no documents (the file is empty"),
+    (b'{"text": "a"}\n{"text": "b"}\n', ["--val-docs", 2], "holds only 2 documents, all of them validation"),
+    (b'{"text": "a"}\n{"text": "b"}\n', ["--val-docs", 5], "holds only 2 documents, all of them validation"),
+    (b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n', ["--val-docs", 2, "--max-docs", 2],
+     "--max-docs 2 leaves no train documents after --val-docs 2"),
+])
+def test_no_train_docs_is_refused_before_writing(tmp_path, caseops_model, content, extra, expected):
+    """Without train docs the run used to exit 0 with a manifest marked complete: now nothing is written."""
+    path = tmp_path / "few.jsonl"
+    path.write_bytes(content)
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, SCRIPT, "--docs", path, "--out", out, "--tokenizer", caseops_model,
+                           "--workers", "1", *map(str, extra)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr
+    assert not out.exists()  # not even the tokenizer copy
+
+
+def test_one_train_doc_is_enough(tmp_path, caseops_model):
+    path = write_jsonl(tmp_path / "three.jsonl", ["First doc.", "Second doc.", "Third doc."])
+    args = ["--docs", path, "--out", tmp_path / "o", "--tokenizer", caseops_model, "--workers", 1, "--val-docs", 2]
+    assert run_main(args) == (0, None)
+    (ds_dir,) = (tmp_path / "o" / "datasets").iterdir()
+    m = json.loads((ds_dir / "manifest.json").read_text())
+    assert m["complete"] and m["stats"]["val"]["docs"] == 2 and m["stats"]["train"]["docs"] == 1
+    assert run_main(args[:2] + ["--out", tmp_path / "o2"] + args[4:] + ["--max-docs", 3]) == (0, None)
+
+
 def test_tokenizer_transform_mismatch(tmp_path, docs_file, plain_model):
     rc, msg = run_main(["--docs", docs_file, "--out", tmp_path, "--tokenizer", plain_model, "--transform", "caseops"])
     assert rc == 1 and "does not reserve the CaseOps operators at ids 4-7" in msg
@@ -600,7 +630,7 @@ def test_from_hub_docs_uses_source_manifest(docs_file, caseops_model, tmp_path, 
 def test_verify_accepts_nfkc_letter_next_to_operator(work, caseops_model, capsys):
     """FineWeb doc 61 of the sample: NFKC turns U+00BA into 'o' right before a TITLE operator, so the tokens
     describe text CaseOps cannot decode. That is normalisation, not a byte error: verify passes and counts it."""
-    docs = ["Measurement accuracy \u00b10.3\u00baC Measured daily.", "A plain Second doc."]
+    docs = ["Measurement accuracy \u00b10.3\u00baC Measured daily.", "A plain Second doc.", "A train doc."]
     docs_file = write_jsonl(work / "nfkc_docs.jsonl", docs)
     root = work / "out_nfkc"
     assert run_main(["--docs", docs_file, "--out", root, "--tokenizer", caseops_model, "--val-docs", 2,
