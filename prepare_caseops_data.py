@@ -821,7 +821,12 @@ def hub_docs_plan():
 
 
 def hub_fetch(repo_id: str, remote: str, dest: Path, optional=False) -> bool:
-    """Download one file atomically into dest (skipped if present); False if optional and absent."""
+    """Download one file atomically into dest (skipped if present); False if optional and absent.
+
+    The staging dir goes away whether the download succeeds, fails or is
+    interrupted: a partial file is dropped, finished files stay, so a rerun
+    resumes at the first missing file.
+    """
     dest = Path(dest)
     if dest.exists():
         return True
@@ -831,16 +836,20 @@ def hub_fetch(repo_id: str, remote: str, dest: Path, optional=False) -> bool:
         raise DataError("huggingface_hub is not installed (pip install huggingface_hub)") from None
     staging = dest.parent / ".hub_staging"
     try:
-        got = hf_hub_download(repo_id=repo_id, filename=remote, repo_type="dataset", local_dir=staging)
-    except Exception as e:
-        if optional and type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):  # a 404, not offline
-            return False
-        raise DataError(f"could not download {remote} from the Hugging Face dataset {repo_id} "
-                        f"({type(e).__name__}); check the network connection and access, "
-                        "or prepare the data locally with --docs") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(got, dest)
-    return True
+        try:
+            got = hf_hub_download(repo_id=repo_id, filename=remote, repo_type="dataset", local_dir=staging)
+        except Exception as e:
+            if optional and type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):  # a 404, not offline
+                return False
+            raise DataError(f"could not download {remote} from the Hugging Face dataset {repo_id} "
+                            f"({type(e).__name__}); check the network connection and access and rerun the same "
+                            "command (files already downloaded are kept), or prepare the data locally with --docs"
+                            ) from None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, dest)
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_caseops(root: Path, train_shards) -> Path:
@@ -852,8 +861,6 @@ def download_caseops(root: Path, train_shards) -> Path:
     for i, (remote, local) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {remote}", file=sys.stderr, flush=True)
         hub_fetch(HUB_CASEOPS_REPO, remote, root / local)
-    for path in root.rglob(".hub_staging"):
-        shutil.rmtree(path, ignore_errors=True)
     ds_dir = root / plan[0][1].rsplit("/", 1)[0]
     model = root / next(local for _, local in plan if local.endswith(".model"))
     write_json(ds_dir / "manifest.json", _hub_local_manifest(ds_dir, model, hub_manifest))
@@ -886,8 +893,6 @@ def download_docs(args) -> None:
     (src_remote, src_local), (docs_remote, docs_local) = hub_docs_plan()
     meta = _read_json(root / src_local) if hub_fetch(HUB_DOCS_REPO, src_remote, root / src_local, optional=True) else None
     hub_fetch(HUB_DOCS_REPO, docs_remote, root / docs_local)
-    for path in root.rglob(".hub_staging"):
-        shutil.rmtree(path, ignore_errors=True)
     args.docs = str(root / docs_local)
     if args.val_docs is None and meta and meta.get("docs_val") is not None:
         args.val_docs = int(meta["docs_val"])
