@@ -17,6 +17,7 @@ ROOT/tokenizers/<model>.  See docs/DATA.md.
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import multiprocessing as mp
@@ -577,6 +578,36 @@ def build_manifest(ds_dir, transform, model_path, docs_path, docs_sha, tok_sha, 
 
 # ---------------------------------------------------------------- prepare command
 
+def check_tokenizer_args(args) -> int:
+    """The vocab size the run will use; raises on bad tokenizer flags without writing anything."""
+    if args.train_tokenizer:
+        if not args.vocab_size:
+            raise DataError("--train-tokenizer needs --vocab-size N")
+        if args.vocab_size > MAX_VOCAB:
+            raise DataError(f"--vocab-size {args.vocab_size} > {MAX_VOCAB}: ids must fit in uint16")
+        return args.vocab_size  # names use the requested size even if BPE stopped short
+    return load_tokenizer(args.tokenizer, args.transform).vocab_size()
+
+
+def check_train_docs_remain(docs_path: Path, val_docs: int, max_docs) -> None:
+    """Refuse a split that leaves no train docs, before anything is written to the output root.
+
+    Otherwise the run would write val shards and a manifest marked complete
+    with 0 train docs.  Reads at most val_docs + 1 docs and tokenizes none,
+    so it costs seconds, not the minutes of the run itself.
+    """
+    if max_docs is not None and max_docs <= val_docs:
+        raise DataError(f"--max-docs {max_docs} leaves no train documents after --val-docs {val_docs}; "
+                        f"pass --max-docs above {val_docs} or a smaller --val-docs")
+    n = sum(1 for _ in itertools.islice(iter_docs(docs_path), val_docs + 1))
+    if n == 0:
+        raise DataError(f"{docs_path}: no documents (the file is empty or holds only blank lines); "
+                        "pass a docs file with one document per line")
+    if n <= val_docs:
+        raise DataError(f"{docs_path} holds only {n} documents, all of them validation documents under "
+                        f"--val-docs {val_docs}; pass --val-docs below {n} to leave train documents")
+
+
 def prepare(args) -> dict:
     root = Path(args.out)
     if args.shard_tokens <= 0 or args.val_docs < 0 or args.workers < 1:
@@ -586,19 +617,15 @@ def prepare(args) -> dict:
     docs_path = Path(args.docs)
     if not docs_path.is_file():
         raise DataError(f"docs file not found: {docs_path}")
+    vocab = check_tokenizer_args(args)  # cheap usage errors come before the pass over the docs
+    check_train_docs_remain(docs_path, args.val_docs, args.max_docs)
     if args.transform == "casefold":
         print(f"WARNING: {CASEFOLD_LEGALITY}", file=sys.stderr)
     tok_dir = root / "tokenizers"
     if args.train_tokenizer:
-        if not args.vocab_size:
-            raise DataError("--train-tokenizer needs --vocab-size N")
-        if args.vocab_size > MAX_VOCAB:
-            raise DataError(f"--vocab-size {args.vocab_size} > {MAX_VOCAB}: ids must fit in uint16")
         model = train_tokenizer(docs_path, args.transform, args.vocab_size, args.val_docs, args.max_docs,
                                 args.tokenizer_train_docs, tok_dir, args.workers, args.overwrite)
-        vocab = args.vocab_size  # names use the requested size even if BPE stopped short
     else:
-        vocab = load_tokenizer(args.tokenizer, args.transform).vocab_size()
         model = install_tokenizer(args.tokenizer, tok_dir, args.overwrite)
     sp = load_tokenizer(model, args.transform)
     if sp.vocab_size() != vocab:
@@ -794,7 +821,12 @@ def hub_docs_plan():
 
 
 def hub_fetch(repo_id: str, remote: str, dest: Path, optional=False) -> bool:
-    """Download one file atomically into dest (skipped if present); False if optional and absent."""
+    """Download one file atomically into dest (skipped if present); False if optional and absent.
+
+    The staging dir goes away whether the download succeeds, fails or is
+    interrupted: a partial file is dropped, finished files stay, so a rerun
+    resumes at the first missing file.
+    """
     dest = Path(dest)
     if dest.exists():
         return True
@@ -804,16 +836,20 @@ def hub_fetch(repo_id: str, remote: str, dest: Path, optional=False) -> bool:
         raise DataError("huggingface_hub is not installed (pip install huggingface_hub)") from None
     staging = dest.parent / ".hub_staging"
     try:
-        got = hf_hub_download(repo_id=repo_id, filename=remote, repo_type="dataset", local_dir=staging)
-    except Exception as e:
-        if optional and type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):  # a 404, not offline
-            return False
-        raise DataError(f"could not download {remote} from the Hugging Face dataset {repo_id} "
-                        f"({type(e).__name__}); check the network connection and access, "
-                        "or prepare the data locally with --docs") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(got, dest)
-    return True
+        try:
+            got = hf_hub_download(repo_id=repo_id, filename=remote, repo_type="dataset", local_dir=staging)
+        except Exception as e:
+            if optional and type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):  # a 404, not offline
+                return False
+            raise DataError(f"could not download {remote} from the Hugging Face dataset {repo_id} "
+                            f"({type(e).__name__}); check the network connection and access and rerun the same "
+                            "command (files already downloaded are kept), or prepare the data locally with --docs"
+                            ) from None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, dest)
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_caseops(root: Path, train_shards) -> Path:
@@ -825,8 +861,6 @@ def download_caseops(root: Path, train_shards) -> Path:
     for i, (remote, local) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {remote}", file=sys.stderr, flush=True)
         hub_fetch(HUB_CASEOPS_REPO, remote, root / local)
-    for path in root.rglob(".hub_staging"):
-        shutil.rmtree(path, ignore_errors=True)
     ds_dir = root / plan[0][1].rsplit("/", 1)[0]
     model = root / next(local for _, local in plan if local.endswith(".model"))
     write_json(ds_dir / "manifest.json", _hub_local_manifest(ds_dir, model, hub_manifest))
@@ -859,8 +893,6 @@ def download_docs(args) -> None:
     (src_remote, src_local), (docs_remote, docs_local) = hub_docs_plan()
     meta = _read_json(root / src_local) if hub_fetch(HUB_DOCS_REPO, src_remote, root / src_local, optional=True) else None
     hub_fetch(HUB_DOCS_REPO, docs_remote, root / docs_local)
-    for path in root.rglob(".hub_staging"):
-        shutil.rmtree(path, ignore_errors=True)
     args.docs = str(root / docs_local)
     if args.val_docs is None and meta and meta.get("docs_val") is not None:
         args.val_docs = int(meta["docs_val"])

@@ -414,6 +414,36 @@ def test_bad_input_late_in_file_with_workers_no_traceback(tmp_path, caseops_mode
     assert "Traceback" not in proc.stderr and f"{path}:301: invalid JSON" in proc.stderr
 
 
+@pytest.mark.parametrize("content, extra, expected", [
+    (b"", [], "no documents (the file is empty"),
+    (b"\n  \n\n", [], "no documents (the file is empty"),
+    (b'{"text": "a"}\n{"text": "b"}\n', ["--val-docs", 2], "holds only 2 documents, all of them validation"),
+    (b'{"text": "a"}\n{"text": "b"}\n', ["--val-docs", 5], "holds only 2 documents, all of them validation"),
+    (b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n', ["--val-docs", 2, "--max-docs", 2],
+     "--max-docs 2 leaves no train documents after --val-docs 2"),
+])
+def test_no_train_docs_is_refused_before_writing(tmp_path, caseops_model, content, extra, expected):
+    """Without train docs the run used to exit 0 with a manifest marked complete: now nothing is written."""
+    path = tmp_path / "few.jsonl"
+    path.write_bytes(content)
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, SCRIPT, "--docs", path, "--out", out, "--tokenizer", caseops_model,
+                           "--workers", "1", *map(str, extra)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr
+    assert not out.exists()  # not even the tokenizer copy
+
+
+def test_one_train_doc_is_enough(tmp_path, caseops_model):
+    path = write_jsonl(tmp_path / "three.jsonl", ["First doc.", "Second doc.", "Third doc."])
+    args = ["--docs", path, "--out", tmp_path / "o", "--tokenizer", caseops_model, "--workers", 1, "--val-docs", 2]
+    assert run_main(args) == (0, None)
+    (ds_dir,) = (tmp_path / "o" / "datasets").iterdir()
+    m = json.loads((ds_dir / "manifest.json").read_text())
+    assert m["complete"] and m["stats"]["val"]["docs"] == 2 and m["stats"]["train"]["docs"] == 1
+    assert run_main(args[:2] + ["--out", tmp_path / "o2"] + args[4:] + ["--max-docs", 3]) == (0, None)
+
+
 def test_tokenizer_transform_mismatch(tmp_path, docs_file, plain_model):
     rc, msg = run_main(["--docs", docs_file, "--out", tmp_path, "--tokenizer", plain_model, "--transform", "caseops"])
     assert rc == 1 and "does not reserve the CaseOps operators at ids 4-7" in msg
@@ -526,17 +556,31 @@ def test_hub_offline_fails_with_one_sentence(tmp_path, hub_args):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download datasets/") and "parameter-golf" in last
-    assert not list((tmp_path / "o").rglob("*.bin"))
+    assert not list((tmp_path / "o").rglob("*.bin")) and not list((tmp_path / "o").rglob(".hub_staging"))
+
+
+class FakeHub(dict):
+    """{repo: {remote path: local file}}, the remote paths requested, and those that break mid-transfer."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.broken = [], set()
 
 
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
-    """Replace hf_hub_download with a copy from a local {repo: {remote path: local file}} table."""
+    """Replace hf_hub_download with a copy from a local FakeHub table."""
     import huggingface_hub
-    repos = {}
+    repos = FakeHub()
 
     def fake_download(repo_id, filename, repo_type, local_dir):
         assert repo_type == "dataset"
+        repos.calls.append(filename)
+        if filename in repos.broken:  # like the real client: a partial file in local_dir, then the error
+            partial = Path(local_dir) / ".cache/huggingface/download" / f"{Path(filename).name}.incomplete"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(b"half a shard")
+            raise ConnectionError("connection reset by peer")
         if filename not in repos.get(repo_id, {}):
             raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
         dest = Path(local_dir) / filename
@@ -548,7 +592,8 @@ def fake_hub(monkeypatch, tmp_path):
     return repos
 
 
-def test_from_hub_caseops_ends_in_local_layout(prepared, docs_file, tmp_path, fake_hub):
+def fake_caseops_export(prepared, tmp_path):
+    """A hub table of the CaseOps export (3 train shards) built from the prepared dataset; returns (files, model)."""
     src_root, src_ds = prepared
     d = prep.dataset_dir_name("caseops", 8192)
     manifest = tmp_path / "hub_manifest.json"
@@ -567,6 +612,12 @@ def test_from_hub_caseops_ends_in_local_layout(prepared, docs_file, tmp_path, fa
     files[f"datasets/datasets/{d}/fineweb_val_bytes_000000.bin"] = tmp_path / "vb.bin"
     for i, path in enumerate(split_arrays(src_ds, "train")[1][:3]):
         files[f"datasets/datasets/{d}/fineweb_train_{i:06d}.bin"] = path
+    return files, model
+
+
+def test_from_hub_caseops_ends_in_local_layout(prepared, docs_file, tmp_path, fake_hub):
+    d = prep.dataset_dir_name("caseops", 8192)
+    files, model = fake_caseops_export(prepared, tmp_path)
     fake_hub[prep.HUB_CASEOPS_REPO] = files
     root = tmp_path / "hub"
     assert run_main(["--from-hub", "caseops", "--train-shards", 2, "--out", root]) == (0, None)
@@ -578,6 +629,36 @@ def test_from_hub_caseops_ends_in_local_layout(prepared, docs_file, tmp_path, fa
     m = json.loads((root / "datasets" / d / "manifest.json").read_text())
     assert m["stats"]["val"]["docs"] == VAL_DOCS and m["stats"]["train"]["shards"] == 2
     assert prep.verify(root, docs_file) == 0  # downloaded data passes the same checks as local data
+
+
+def test_failed_hub_download_leaves_no_staging_and_rerun_resumes(prepared, tmp_path, fake_hub):
+    d = prep.dataset_dir_name("caseops", 8192)
+    fake_hub[prep.HUB_CASEOPS_REPO] = fake_caseops_export(prepared, tmp_path)[0]
+    broken = f"datasets/datasets/{d}/fineweb_train_000001.bin"
+    fake_hub.broken.add(broken)
+    root = tmp_path / "hub"
+    args = ["--from-hub", "caseops", "--train-shards", 2, "--out", root]
+    rc, msg = run_main(args)
+    assert rc == 1 and msg.startswith(f"error: could not download {broken} ") and "(ConnectionError)" in msg
+    assert "rerun the same command (files already downloaded are kept)" in msg
+    assert not list(root.rglob(".hub_staging")) and not list(root.rglob("*.incomplete"))
+    assert (root / "datasets" / d / "fineweb_train_000000.bin").exists()
+    assert not (root / "datasets" / d / "fineweb_train_000001.bin").exists()
+    fake_hub.broken.clear()
+    done = set(fake_hub.calls) - {broken}
+    fake_hub.calls.clear()
+    assert run_main(args) == (0, None)
+    assert broken in fake_hub.calls and not done & set(fake_hub.calls)  # finished files are not fetched again
+    assert not list(root.rglob(".hub_staging"))
+
+
+def test_failed_hub_docs_download_leaves_no_staging(docs_file, caseops_model, tmp_path, fake_hub):
+    fake_hub[prep.HUB_DOCS_REPO] = {"datasets/docs_selected.jsonl": docs_file}
+    fake_hub.broken.add("datasets/docs_selected.jsonl")
+    root = tmp_path / "hubdocs"
+    rc, msg = run_main(["--from-hub", "docs", "--out", root, "--tokenizer", caseops_model, "--workers", 1])
+    assert rc == 1 and msg.startswith("error: could not download datasets/docs_selected.jsonl ")
+    assert not list(root.rglob(".hub_staging")) and not list(root.iterdir())
 
 
 def test_from_hub_docs_uses_source_manifest(docs_file, caseops_model, tmp_path, fake_hub):
@@ -600,7 +681,7 @@ def test_from_hub_docs_uses_source_manifest(docs_file, caseops_model, tmp_path, 
 def test_verify_accepts_nfkc_letter_next_to_operator(work, caseops_model, capsys):
     """FineWeb doc 61 of the sample: NFKC turns U+00BA into 'o' right before a TITLE operator, so the tokens
     describe text CaseOps cannot decode. That is normalisation, not a byte error: verify passes and counts it."""
-    docs = ["Measurement accuracy \u00b10.3\u00baC Measured daily.", "A plain Second doc."]
+    docs = ["Measurement accuracy \u00b10.3\u00baC Measured daily.", "A plain Second doc.", "A train doc."]
     docs_file = write_jsonl(work / "nfkc_docs.jsonl", docs)
     root = work / "out_nfkc"
     assert run_main(["--docs", docs_file, "--out", root, "--tokenizer", caseops_model, "--val-docs", 2,

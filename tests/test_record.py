@@ -40,6 +40,11 @@ def test_parse_our_format_without_spaces():
     assert r["compressor"] == "brotli" and r["transform"] == "caseops"
     assert r["torch_version"] == "2.11.0+cu130" and r["peak_mib"] == 40029 and r["not_valid"] is False
     assert r["hp"]["train_batch_tokens"] == "786432"
+    # where it ran and on what; the evaluation lines carry val_tokens/val_bytes after eval_time
+    assert (r["hardware"], r["gpu_count"]) == ("NVIDIA H100 80GB HBM3", 8)
+    assert (r["val_tokens"], r["val_bytes"], r["val_docs"]) == (47851520, 151073826, 50000)
+    assert (r["ttt_val_tokens"], r["ttt_val_bytes"]) == (47851520, 151073826)
+    assert "eval_time:488800ms val_tokens:47851520" in (LOGS / "train_seed42.log").read_text()
 
 
 def test_parse_spaces_after_colons():
@@ -50,6 +55,9 @@ def test_parse_spaces_after_colons():
     assert r["steps"] == 4866 and r["train_time_s"] == pytest.approx(596.114)
     assert r["eval_time_s"] == pytest.approx(482.0) and r["eval_wall_s"] == pytest.approx(645.5)
     assert (r["artifact_bytes"], r["code_bytes"], r["peak_mib"]) == (15935802, 28320, 40029)
+    assert (r["hardware"], r["gpu_count"], r["world_size"]) == ("NVIDIA H100 80GB HBM3", 8, 8)
+    assert (r["val_tokens"], r["val_bytes"], r["val_docs"]) == (47851520, 151073826, 50000)
+    assert (r["ttt_val_tokens"], r["ttt_val_bytes"]) == (47851520, 151073826)
 
 
 def test_parse_public_style_lzma_log():
@@ -57,6 +65,7 @@ def test_parse_public_style_lzma_log():
     assert r["compressor"] == "lzma" and r["model_bytes"] == 15914786 and r["artifact_bytes"] == 15943106
     assert r["transform"] is None and r["torch_version"] is None and r["eval_wall_s"] is None
     assert r["ttt"] == (2.3364, 1.062) and r["eval_time_s"] == pytest.approx(494.6)
+    assert r["ttt_val_tokens"] is None and r["val_docs"] == 50000 and r["world_size"] == 8  # world_size from hp
 
 
 def test_parse_run_reaching_iterations_uses_last_step_line():
@@ -173,11 +182,15 @@ def test_refuses_truncated_log_even_with_allow(tmp_path, capsys):
 
 def test_refuses_over_cap_unless_allowed(tmp_path, capsys):
     rc, _, err = run_main([*SEEDS3, LOGS / "over_cap.log", "--out", tmp_path], capsys)
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "over_cap.log" in err and "16,000,123" in err and "NOT A VALID RECORD" in err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 2 and all("over_cap.log: " in l and "--allow-non-record" in l for l in lines)
+    assert "16,000,123" in lines[0] and "NOT A VALID RECORD" in lines[1]
     rc, _, _ = run_main([*SEEDS3, LOGS / "over_cap.log", "--out", tmp_path, "--allow-non-record"], capsys)
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert rc == 0 and sub["compliance"]["artifact_under_16mb"] is False and sub["artifact_bytes_max"] == 16000123
+    assert sub["record"] is False and sub["track"] == "non_record_16mb" and len(sub["non_record_reasons"]) == 2
+    assert sub["non_record_reasons"][0].startswith("seed 9 (over_cap.log): total submission size 16,000,123")
+    assert (tmp_path / "results.md").read_text().startswith("**Not a record** (written with --allow-non-record):\n")
 
 
 def test_refuses_casefold_unless_allowed(tmp_path, capsys):
@@ -214,6 +227,107 @@ def test_refuses_duplicate_seed_and_missing_file(tmp_path, capsys):
     assert rc == 2 and "nope.log" in err and "cannot read" in err
 
 
+# ---------------- hardware and validation set: from the log ----------------
+CPU_SMOKE = LOGS / "cpu_smoke.log"   # a real smoke.sh run (2 CPU ranks, 8 val docs) plus the new log lines
+
+
+def test_cpu_smoke_run_is_refused_as_record(tmp_path, capsys):
+    rc, _, err = run_main([CPU_SMOKE, "--out", tmp_path], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 2 and all(l.startswith(f"record.py: refusing {CPU_SMOKE}: ") for l in lines)
+    assert "ran on 2x cpu: a record runs on 8 GPUs" in lines[0]
+    assert "evaluated on 8 val docs, not the full 50,000-doc validation set" in lines[1]
+    assert not (tmp_path / "submission.json").exists()
+
+
+def test_cpu_smoke_run_allowed_is_labelled_non_record(tmp_path, capsys):
+    rc, out, _ = run_main([CPU_SMOKE, "--out", tmp_path, "--allow-non-record"], capsys)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert rc == 0 and sub["record"] is False and sub["track"] == "non_record_16mb"
+    assert (sub["hardware"], sub["gpu_count"], sub["val_docs"]) == ("2x cpu", 2, 8)
+    assert sub["pytorch_version"] == "2.13.0+cpu" and sub["seed_results"]["0"]["hardware"] == "2x cpu"
+    assert sub["non_record_reasons"] == [
+        "seed 0 (cpu_smoke.log): ran on 2x cpu: a record runs on 8 GPUs",
+        "seed 0 (cpu_smoke.log): evaluated on 8 val docs, not the full 50,000-doc validation set"]
+    assert sub["compliance"]["eight_gpus"] is False and sub["compliance"]["full_val_set"] is False
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("**Not a record** (written with --allow-non-record):\n- seed 0 (cpu_smoke.log): ran on 2x cpu")
+    assert "| 2x cpu | 2 | 8 |" in md and md in out
+
+
+@pytest.mark.parametrize("hardware_line, reason", [
+    ("hardware: NVIDIA H100 80GB HBM3 x4", "ran on 4x NVIDIA H100 80GB HBM3: a record runs on 8 GPUs"),
+    ("hardware: cpu x8", "ran on 8x cpu: a record runs on 8 GPUs"),
+])
+def test_refuses_other_than_eight_gpus(tmp_path, capsys, hardware_line, reason):
+    p = variant(tmp_path, "train_seed42.log", "small.log",
+                lambda t: t.replace("hardware: NVIDIA H100 80GB HBM3 x8", hardware_line))
+    rc, _, err = run_main([p, "--out", tmp_path], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"record.py: refusing {p}: {reason} (--allow-non-record writes it as a non-record)"]
+
+
+def test_log_without_hardware_line_needs_the_flag(tmp_path, capsys):
+    """Older logs: --hardware states the hardware, world_size gives the GPU count; without it, 'unknown'."""
+    old = variant(tmp_path, "train_seed42.log", "old.log",
+                  lambda t: t.replace("hardware: NVIDIA H100 80GB HBM3 x8\n", ""))
+    rc, _, err = run_main([old, "--out", tmp_path], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "hardware unknown: no 'hardware:' line" in err and "pass --hardware NAME" in err
+    rc, _, _ = run_main([old, "--out", tmp_path, "--allow-non-record"], capsys)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert rc == 0 and sub["record"] is False and sub["hardware"] == "unknown" and sub["gpu_count"] == 8
+    rc, _, _ = run_main([old, "--out", tmp_path, "--hardware", "8xH100 80GB SXM"], capsys)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert rc == 0 and sub["record"] is True and (sub["hardware"], sub["gpu_count"]) == ("8xH100 80GB SXM", 8)
+    two = tmp_path / "two.log"
+    two.write_text(old.read_text().replace("world_size:8 ", "world_size:2 "))
+    rc, _, err = run_main([two, "--out", tmp_path, "--hardware", "8xH100 80GB SXM"], capsys)
+    assert rc == 2 and "ran on world_size 2: a record runs on 8 GPUs" in err
+    bare = tmp_path / "bare.log"
+    bare.write_text(old.read_text().replace("world_size:8 grad_accum_steps:1 micro_batch_tokens:98304\n", "")
+                    .replace("  world_size: 8\n", ""))
+    rc, _, err = run_main([bare, "--out", tmp_path, "--hardware", "8xH100 80GB SXM"], capsys)
+    assert rc == 2 and err.strip().endswith("GPU count unknown: no 'hardware:' or 'world_size:' line "
+                                            "(--allow-non-record writes it as a non-record)")
+    # the log's own hardware line wins over the flag
+    rc, _, _ = run_main([LOGS / "train_seed42.log", "--out", tmp_path, "--hardware", "something else"], capsys)
+    assert rc == 0 and json.loads((tmp_path / "submission.json").read_text())["hardware"] == "8x NVIDIA H100 80GB HBM3"
+
+
+def test_log_without_val_docs_is_not_certified(tmp_path, capsys):
+    old = variant(tmp_path, "train_seed42.log", "old.log", lambda t: t.replace(" val_docs:50000", ""))
+    assert record.parse_log(old)["val_tokens"] == 47851520 and record.parse_log(old)["val_docs"] is None
+    rc, _, err = run_main([old, "--out", tmp_path], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "validation doc count unknown" in err
+    assert run_main([old, "--out", tmp_path, "--allow-non-record"], capsys)[0] == 0
+    assert json.loads((tmp_path / "submission.json").read_text())["val_docs"] is None
+
+
+def test_ttt_must_score_the_whole_val_set(tmp_path, capsys):
+    p = variant(tmp_path, "train_seed42.log", "cut.log", lambda t: t.replace(
+        "eval_time:488800ms val_tokens:47851520 val_bytes:151073826",
+        "eval_time:488800ms val_tokens:40000000 val_bytes:150000000"))
+    r = record.parse_log(p)
+    assert r["ttt"] == (2.332, 1.06) and (r["ttt_val_tokens"], r["ttt_val_bytes"]) == (40000000, 150000000)
+    rc, _, err = run_main([p, "--out", tmp_path], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"record.py: refusing {p}: quantized_ttt_phased scored val_tokens:40000000 val_bytes:150000000, the validation "
+        "set has val_tokens:47851520 val_bytes:151073826 (--allow-non-record writes it as a non-record)"]
+    rc, _, _ = run_main([p, "--out", tmp_path, "--allow-non-record"], capsys)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert rc == 0 and sub["record"] is False and sub["compliance"]["ttt_scored_val_set"] is False
+
+
+def test_parse_real_cpu_smoke_log_and_world_size_line(tmp_path):
+    r = record.parse_log(CPU_SMOKE)
+    assert (r["hardware"], r["gpu_count"], r["world_size"], r["seed"]) == ("cpu", 2, 2, 0)
+    assert (r["steps"], r["iterations"]) == (30, 30) and r["ttt"] == (6.19755079, 3.32212047)
+    assert (r["val_tokens"], r["val_bytes"], r["val_docs"]) == (2560, 6890, 8) and r["ttt_val_tokens"] == 2560
+    p = variant(tmp_path, "train_seed42.log", "ws.log", lambda t: t.replace("world_size:8 ", "world_size:4 "))
+    assert record.parse_log(p)["hp"]["world_size"] == "8" and record.parse_log(p)["world_size"] == 4  # the line wins
+
+
 # ---------------- outputs ----------------
 def test_submission_json_contents(tmp_path, capsys):
     rc, _, _ = run_main([*SEEDS3, "--out", tmp_path, "--baseline-bpb", "1.066", "--author", "A. Person",
@@ -222,20 +336,24 @@ def test_submission_json_contents(tmp_path, capsys):
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert (sub["author"], sub["github_id"], sub["name"], sub["blurb"]) == ("A. Person", "aperson", "Test record", "b")
     assert sub["date"] == datetime.date.today().isoformat() and sub["track"] == "10min_16mb"
+    assert sub["record"] is True and sub["non_record_reasons"] == []
     assert sub["val_loss"] == pytest.approx(2.3342) and sub["val_bpb"] == pytest.approx(1.061)
     assert sub["val_bpb_std"] == pytest.approx(0.001 * math.sqrt(2 / 3), abs=1e-8)   # population
     assert sub["val_loss_std"] == pytest.approx(0.0022 * math.sqrt(2 / 3), abs=1e-8)
     assert "population" in sub["reproducibility_notes"] and "0.00100000" in sub["reproducibility_notes"]
     assert sub["seeds"] == [42, 0, 1234]
     assert sub["seed_results"]["0"] == {"val_loss": 2.3342, "val_bpb": 1.061, "artifact_bytes": 15935802,
-                                        "steps": 4866, "train_time_s": 596.114, "eval_time_s": 482.0}
+                                        "steps": 4866, "train_time_s": 596.114, "eval_time_s": 482.0,
+                                        "hardware": "8x NVIDIA H100 80GB HBM3", "gpu_count": 8, "val_docs": 50000}
     assert sub["artifact_bytes_mean"] == 15937072 and sub["artifact_bytes_max"] == 15943106
     assert sub["train_time_s_mean"] == pytest.approx(596.107) and sub["eval_time_s_mean"] == pytest.approx(488.5)
-    assert sub["hardware"] == "8xH100 80GB SXM" and sub["pytorch_version"] == "2.11.0+cu130"
+    assert sub["hardware"] == "8x NVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.11.0+cu130"  # from the logs
+    assert sub["gpu_count"] == 8 and sub["val_docs"] == 50000
     assert sub["comparison_baseline_bpb"] == 1.066
     assert sub["delta_vs_leaderboard_bpb"] == pytest.approx(-0.005) and sub["delta_vs_leaderboard_nats"] == pytest.approx(-0.011)
     assert sub["p_value"] == pytest.approx(0.0210055, abs=1e-6)
     assert sub["compliance"] == {"train_under_600s": True, "eval_under_600s": True, "artifact_under_16mb": True,
+                                 "eight_gpus": True, "full_val_set": True, "ttt_scored_val_set": True,
                                  "score_first_ttt": True, "no_pre_quant_ttt": True, "three_seeds": True}
 
 
@@ -246,6 +364,9 @@ def test_cli_subprocess_writes_results_md(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "results.md").read_text()
     assert md in proc.stdout
+    assert md.startswith("**Record run**: 8x NVIDIA H100 80GB HBM3, full 50,000-doc validation set, train and eval "
+                         "within 600 s, artifact within 16,000,000 bytes.\n")
+    assert "| 0 | 15,907,482 | 28,320 | brotli | caseops | 2.11.0+cu130 | 8x NVIDIA H100 80GB HBM3 | 8 | 50,000 |" in md
     assert "| 42 | 4,921 | 1.07000000 | 1.08000000 | **1.06000000** | 2.33200000 | 15,932,307 | 596.107 | 488.8 |" in md
     assert "| **Mean** | 4,886 |" in md and "**1.06100000**" in md
     assert "Std (population, ddof=0)" in md and "0.00081650" in md
