@@ -12,6 +12,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 FINEWEB_SAMPLE = SHARED_DATA / "fineweb_sample_200.jsonl"
 CASEOPS_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # record.py, bench.py
 
 
 def generated_docs(n=200):

@@ -359,7 +359,7 @@ def test_submission_json_contents(tmp_path, capsys):
 
 def test_cli_subprocess_writes_results_md(tmp_path):
     out = tmp_path / "rec"
-    proc = subprocess.run([sys.executable, "record.py", *map(str, SEEDS3), "--out", str(out), "--baseline-bpb", "1.066"],
+    proc = subprocess.run([sys.executable, "tools/record.py", *map(str, SEEDS3), "--out", str(out), "--baseline-bpb", "1.066"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     md = (out / "results.md").read_text()
@@ -374,7 +374,7 @@ def test_cli_subprocess_writes_results_md(tmp_path):
     assert "t = 4.7238, dof = 2, p = 0.021" in md and "significant at p < 0.01: no" in md
     assert "0.002273 BPB" in md and "-0.005000 BPB" in md and "-0.011000 nats" in md
     json.loads((out / "submission.json").read_text())
-    bad = subprocess.run([sys.executable, "record.py", str(LOGS / "truncated.log"), "--out", str(out)],
+    bad = subprocess.run([sys.executable, "tools/record.py", str(LOGS / "truncated.log"), "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "truncated.log" in bad.stderr
 

@@ -21,7 +21,7 @@ def test_smoke_script_end_to_end(tmp_path):
     env = dict(os.environ, SMOKE_DIR=str(tmp_path / "smoke"), PYTHON=sys.executable)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    r = subprocess.run([bash, str(REPO / "smoke.sh")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([bash, str(REPO / "tools" / "smoke.sh")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = r.stdout
     assert r.returncode == 0, out[-4000:] + r.stderr[-4000:]
     assert "world_size:2" in out and "val_bpb:byte_sidecar:enabled" in out

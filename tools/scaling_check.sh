@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Multi-GPU check (issue 7): the same 786,432-token global batch and the same tokens per step on 1 GPU (8 micro-steps)
 # and on 2 GPUs over NCCL (4 micro-steps each); prints both loss curves and the scaling efficiency.
-#   bash scaling_check.sh CORPUS.jsonl[.xz] TOKENIZER.model [OUT_DIR=logs]      (needs 2 GPUs, about 7 minutes)
+#   bash tools/scaling_check.sh CORPUS.jsonl[.xz] TOKENIZER.model [OUT_DIR=logs]      (needs 2 GPUs, about 7 minutes)
 set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 CORPUS=$1 TOKENIZER=$2 OUT=${3:-logs} WORK=${WORK:-/tmp/pg_scaling}
 mkdir -p "$OUT" "$WORK"
-python3 prepare_caseops_data.py --docs "$CORPUS" --max-docs 8000 --out "$WORK/data" --tokenizer "$TOKENIZER" --val-docs 50 \
+python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --max-docs 8000 --out "$WORK/data" --tokenizer "$TOKENIZER" --val-docs 50 \
   --shard-tokens 10000000 --overwrite > "$OUT/scale_prep.log" 2>&1 || { tail -5 "$OUT/scale_prep.log"; exit 1; }
 export DATA_DIR=$WORK/data ITERATIONS=30 MAX_WALLCLOCK_SECONDS=0 TRAIN_LOG_EVERY=1 VAL_LOSS_EVERY=0 TTT_ENABLED=0 \
   WARMUP_STEPS=3 GPTQ_CALIBRATION_BATCHES=2 SEED=0
-RUN_ID=scale_1gpu ARTIFACT_DIR=$WORK/s1 CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 train_gpt.py > "$OUT/scale_1gpu.log" 2>&1
-RUN_ID=scale_2gpu ARTIFACT_DIR=$WORK/s2 torchrun --standalone --nproc_per_node=2 train_gpt.py > "$OUT/scale_2gpu.log" 2>&1
+RUN_ID=scale_1gpu ARTIFACT_DIR=$WORK/s1 CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 "$REPO/train_gpt.py" > "$OUT/scale_1gpu.log" 2>&1
+RUN_ID=scale_2gpu ARTIFACT_DIR=$WORK/s2 torchrun --standalone --nproc_per_node=2 "$REPO/train_gpt.py" > "$OUT/scale_2gpu.log" 2>&1
 python3 - "$OUT" <<'PY'
 import re, sys
 def parse(name):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record tooling: parse train_gpt.py logs, check the track caps, write results.md and submission.json.
 
-python3 record.py LOG [LOG ...] [--baseline-bpb 1.06108] [--out DIR] [--allow-non-record] [--plot]
+python3 tools/record.py LOG [LOG ...] [--baseline-bpb 1.06108] [--out DIR] [--allow-non-record] [--plot]
                   [--name ..] [--author ..] [--github-id ..] [--blurb ..] [--hardware NAME]
 Exit status 2, one stderr line per reason, for logs that cannot be used (truncated, missing lines,
 duplicate seed) and for runs that are not a record: not on 8 GPUs, not on the full 50,000-doc

@@ -5,10 +5,10 @@
 # tokenizer when both exist, else English docstrings of installed Python modules with a freshly
 # trained 1024-piece CaseOps tokenizer. Runs 2 ranks over gloo (SMOKE_NPROC=1 for one process).
 # Exits non-zero unless the final `quantized_ttt_phased val_loss:... val_bpb:...` line appears.
-#   bash smoke.sh            env: SMOKE_DIR (work dir, kept; default a temp dir, removed on success),
+#   bash tools/smoke.sh            env: SMOKE_DIR (work dir, kept; default a temp dir, removed on success),
 #                            SMOKE_NPROC (2), PYTHON (python3)
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 NPROC=${SMOKE_NPROC:-2}
 WORK=${SMOKE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pg_smoke.XXXXXX")}  # a temp dir is removed after success

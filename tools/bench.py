@@ -1,7 +1,7 @@
 """GPU benchmark of the record stack: training throughput/MFU/memory, attention backends, optional end-to-end run.
 
-    python3 bench.py                      # throughput + attention backends, appended to docs/BENCHMARKS.md
-    python3 bench.py --e2e-docs FILE      # + prepare FILE (500 val docs), train for --e2e-seconds, quantize, TTT-eval
+    python3 tools/bench.py                # throughput + attention backends, appended to docs/BENCHMARKS.md
+    python3 tools/bench.py --e2e-docs FILE # + prepare FILE (500 val docs), train for --e2e-seconds, quantize, TTT-eval
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 """
@@ -10,7 +10,7 @@ import argparse, datetime, os, re, subprocess, sys, time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def cuda_time_ms(fn, iters=10, warmup=3):
