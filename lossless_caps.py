@@ -1,4 +1,4 @@
-"""CaseOps text transform `lossless_caps_caseops_v1` (SPEC section 3).
+"""CaseOps text transform `lossless_caps_caseops_v1` (PR #1729's lossless case operators).
 
 The encoder lowercases ASCII letters and records case with four private-use
 operator characters; the decoder restores the text exactly.  Only ASCII
@@ -45,12 +45,12 @@ def _encode_match(m):
 
 
 def encode(text: str) -> str:
-    """CaseOps-encode `text` (SPEC 3.2)."""
+    """CaseOps-encode `text`."""
     return _ENCODE_RE.sub(_encode_match, text)
 
 
 def _decode_tokens(text: str):
-    """The decoder state machine of SPEC 3.3, one regex token at a time.
+    """The CaseOps decoder state machine, one regex token at a time.
 
     Yields (end, out): `out` is the decoded output of the token ending at input
     index `end`; its characters correspond one to one to the LAST len(out)
@@ -101,12 +101,12 @@ def _decode_tokens(text: str):
 
 
 def decode(text: str) -> str:
-    """Invert `encode` (SPEC 3.3); raises ValueError on malformed input."""
+    """Invert `encode`; raises ValueError on malformed input."""
     return "".join(out for _, out in _decode_tokens(text))
 
 
 def piece_byte_counts(surfaces) -> list:
-    """Original UTF-8 bytes per piece (SPEC 3.5).
+    """Original UTF-8 bytes per piece (operators 0, an escaped literal operator 3).
 
     `surfaces` are the ordered piece surfaces of a transformed text.  The
     decoder runs continuously across them; each decoded character's UTF-8

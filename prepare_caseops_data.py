@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokenize a document stream into Parameter Golf shards (SPEC sections 2 and 3.5).
+"""Tokenize a document stream into Parameter Golf shards (the CaseOps records' export, PR #1736).
 
     prepare:  --docs FILE --out ROOT (--tokenizer MODEL | --train-tokenizer --vocab-size N)
               [--transform caseops|casefold|none] [--val-docs 50000] [--shard-tokens 100000000]
@@ -313,7 +313,7 @@ def load_tokenizer(path: Path, transform: str):
 
 
 def train_tokenizer(docs_path, transform, vocab_size, val_docs, max_docs, train_docs_limit, out_dir, threads, overwrite):
-    """Train SentencePiece BPE (SPEC 2.5) on transformed TRAIN docs only; return the model path."""
+    """Train SentencePiece BPE (the records' settings) on transformed TRAIN docs only; return the model path."""
     import sentencepiece as spm
     if not 8 + 256 < vocab_size <= MAX_VOCAB:
         raise DataError(f"--vocab-size must be in 265..{MAX_VOCAB} (8 reserved ids + 256 byte pieces + merges)")
@@ -567,7 +567,7 @@ def build_manifest(ds_dir, transform, model_path, docs_path, docs_sha, tok_sha, 
         "stats": stats,
         "fingerprint": fingerprint,
         "byte_counts": "val bytes = sidecar sums (original UTF-8 bytes; leading/trailing whitespace "
-                       "of a doc counts 0, SPEC 3.6); train bytes = UTF-8 bytes of the original docs",
+                       "of a doc counts 0); train bytes = UTF-8 bytes of the original docs",
     }
     if transform == "casefold":
         manifest.update(lossy=True, legality=CASEFOLD_LEGALITY,
@@ -663,7 +663,7 @@ def resolve_dataset_dir(root: Path) -> Path:
 
 
 class StripRule:
-    """Which leading/trailing chars of a doc SentencePiece leaves without a surface (SPEC 3.6).
+    """Which leading/trailing chars of a doc SentencePiece leaves without a surface (they are charged 0 bytes).
 
     Found by experiment with nmt_nfkc + remove_extra_whitespaces: leading chars
     that normalise to whitespace or to nothing are dropped; at the end, a run
@@ -788,7 +788,7 @@ def hub_caseops_plan(hub_manifest, train_shards=None):
 
     The repo root `datasets/` holds manifest.json, datasets/<dir>/ and
     tokenizers/, so dropping that prefix gives the local prepare layout.
-    Without a manifest, the names of SPEC 2.6 with one val shard are assumed.
+    Without a manifest, the export's standard names with one val shard are assumed.
     """
     dir_name = dataset_dir_name("caseops", 8192)
     model = tokenizer_file_name("caseops", 8192)
@@ -907,7 +907,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--docs", help="docs file: .jsonl[.gz|.xz] with 'text', or plain text (one doc per line)")
     p.add_argument("--out", help="output root (gets datasets/<dir>/ and tokenizers/)")
-    p.add_argument("--tokenizer", help="existing SentencePiece .model to use (copied into ROOT/tokenizers/)")
+    p.add_argument("--tokenizer", "--sp", help="existing SentencePiece .model to use (copied into ROOT/tokenizers/); "
+                   "--sp is the records' name for it")
     p.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the train docs")
     p.add_argument("--vocab-size", type=int, help="vocab size for --train-tokenizer (<= 65535)")
     p.add_argument("--tokenizer-train-docs", type=int, default=200_000, help="doc limit for tokenizer training")

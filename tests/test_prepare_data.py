@@ -444,6 +444,14 @@ def test_one_train_doc_is_enough(tmp_path, caseops_model):
     assert run_main(args[:2] + ["--out", tmp_path / "o2"] + args[4:] + ["--max-docs", 3]) == (0, None)
 
 
+def test_records_sp_flag_names_the_tokenizer(tmp_path, caseops_model):
+    """The records' command line (`--docs D --out O --sp MODEL --val-docs N`) works unchanged."""
+    path = write_jsonl(tmp_path / "three.jsonl", ["First doc.", "Second doc.", "Third doc."])
+    assert run_main(["--docs", path, "--out", tmp_path / "o", "--sp", caseops_model, "--val-docs", 1]) == (0, None)
+    (ds_dir,) = (tmp_path / "o" / "datasets").iterdir()
+    assert json.loads((ds_dir / "manifest.json").read_text())["stats"]["train"]["docs"] == 2
+
+
 def test_tokenizer_transform_mismatch(tmp_path, docs_file, plain_model):
     rc, msg = run_main(["--docs", docs_file, "--out", tmp_path, "--tokenizer", plain_model, "--transform", "caseops"])
     assert rc == 1 and "does not reserve the CaseOps operators at ids 4-7" in msg
