@@ -531,3 +531,33 @@ def test_in_loop_validation_runs_at_the_eval_depth(prepared_data):
     model.depth = 3
     at3 = tg.eval_val(model, val, h, cpu)
     assert got == at3 and abs(at1[0] - at3[0]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- behaviour kept across refactors
+
+GOLDEN = REPO / "tests" / "fixtures" / "logs" / "golden_tiny_cpu.log"
+GOLDEN_ENV = dict(ITERATIONS=6, EVAL_LOOP_DEPTH=3, TRAIN_BATCH_TOKENS=1024, SEED=3, VAL_LOSS_EVERY=3, TTT_ENABLED=1,
+                  TTT_BATCH_SIZE=4, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=2, RUN_ID="golden")
+RESULT_RE = re.compile(r"^(\d+/\d+|diagnostic pre-quantization post-ema|diagnostic quantized|quantized_ttt_phased)"
+                       r"\s+val_loss:\s*([0-9.]+)\s+val_bpb:\s*([0-9.]+)", re.M)
+
+
+def golden_numbers(text):
+    return [float(v) for _, _, v in LOSS_RE.findall(text)], [(k, float(a), float(b)) for k, a, b in RESULT_RE.findall(text)]
+
+
+def test_same_seed_same_numbers_as_the_log_committed_before_the_redesign(small_val_data, tmp_path, have_shared):
+    """A tiny CPU run (train with in-loop val at depth 3 after a depth switch, EMA, GPTQ, phased TTT) gives the
+    losses and BPBs of tests/fixtures/logs/golden_tiny_cpu.log, written by the code before the issue-14 redesign.
+    The committed numbers come from the FineWeb sample + CaseOps tokenizer, so the check needs ../shared/data."""
+    if not have_shared:
+        pytest.skip("the golden log was made on ../shared/data's FineWeb sample")
+    env = tiny_env(small_val_data, ARTIFACT_DIR=tmp_path, **GOLDEN_ENV)
+    out, _ = run_trainer([sys.executable, TRAIN_GPT], env, tmp_path)
+    (tmp_path / "run.log").write_text(out)  # kept by pytest's basetemp: how the golden log was made
+    got, want = golden_numbers(out), golden_numbers(GOLDEN.read_text())
+    assert len(want[0]) == 6 and len(want[1]) == 6, want
+    assert got[0] == pytest.approx(want[0], abs=2e-4)
+    assert [k for k, _, _ in got[1]] == [k for k, _, _ in want[1]]
+    for (k, a, b), (_, a0, b0) in zip(got[1], want[1]):
+        assert (a, b) == (pytest.approx(a0, abs=2e-4), pytest.approx(b0, abs=2e-4)), k
