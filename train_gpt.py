@@ -16,13 +16,39 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # ----------------------------------------------------------------------------- CONFIG
 
 
-def _env(name, default):
+class DataError(RuntimeError):
+    """Bad input (data, tokenizer, artifact, settings): main prints it as one `error:` line, no traceback."""
+
+
+class ConfigError(DataError):
+    pass
+
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_ENV_ERRORS = []  # bad values met while the Hyperparameters class body runs (at import); raised by its __init__
+
+
+def env_value(name, default):
+    """Env var `name` parsed as its default's type; empty or unset gives the default."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes")
-    return type(default)(raw) if default is not None else raw
+    kind = type(default)
+    try:
+        if kind is bool:
+            return BOOLS[raw.strip().lower()]
+        return raw if default is None or kind is str else kind(raw)
+    except (KeyError, ValueError):
+        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{name}={raw!r} is not {what}; fix or unset {name} (default {default})") from None
+
+
+def _env(name, default):
+    try:
+        return env_value(name, default)
+    except ConfigError as e:  # an import must not fail on a bad env: Hyperparameters() reports it
+        _ENV_ERRORS.append(str(e))
+        return default
 
 
 def _ints(text):
@@ -146,6 +172,8 @@ class Hyperparameters:
     global_ttt_grad_clip = _env("GLOBAL_TTT_GRAD_CLIP", 1.0)
 
     def __init__(self):
+        if _ENV_ERRORS:
+            raise ConfigError("; ".join(_ENV_ERRORS))
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -153,6 +181,7 @@ class Hyperparameters:
         self.is_main_process = self.rank == 0
         self.grad_accum_steps = self.grad_accum_override or max(1, 8 // self.world_size)
         self.micro_batch_tokens = self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
+        check_config(self)
         out = self.artifact_dir or "."
         self.logfile = os.path.join(out, "logs", f"{self.run_id}.txt")
         self.model_path = os.path.join(out, "final_model.pt")
@@ -166,6 +195,42 @@ class Hyperparameters:
 
     def public(self):
         return {k: getattr(self, k) for k in sorted(dir(self)) if not k.startswith("_") and not callable(getattr(self, k))}
+
+
+def check_config(h):
+    """Settings that would otherwise fail, or quietly change the run, after training has started."""
+    if h.prequant_ttt_enabled:
+        raise ConfigError("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
+                          "score-before-update (challenge Issue #1017, condition 3), "
+                          "so PR #1911's pre-quant TTT is not a legal score")
+    unit = h.world_size * h.grad_accum_steps * h.train_seq_len
+    if h.train_batch_tokens % unit:  # the loader would drop the remainder of every step
+        lo = h.train_batch_tokens // unit * unit
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of "
+                          f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {h.world_size}*{h.grad_accum_steps}*"
+                          f"{h.train_seq_len} = {unit}; nearest valid: {lo + unit}" + (f" or {lo}" if lo else ""))
+    for name, value, ok in (("COMPRESSOR", h.compressor, ("brotli", "lzma")),
+                            ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
+        if value not in ok:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
+    for name, parse in (("TRAIN_LOOP_PHASE_DEPTHS", _ints), ("TRAIN_LOOP_PREWARM_DEPTHS", _ints),
+                        ("TRAIN_LOOP_PHASE_FRACTIONS", _floats)):
+        try:
+            parse(getattr(h, name.lower()))
+        except ValueError:
+            what = "integers" if parse is _ints else "numbers"
+            raise ConfigError(f"{name}={getattr(h, name.lower())!r} is not a comma-separated list of {what}") from None
+    check_windows(h, h.sliding_window_enabled, h.ttt_enabled)
+
+
+def check_windows(h, sliding=True, ttt=True):
+    """Scoring windows that would leave targets unscored: refused at startup and by the evaluations themselves."""
+    if sliding and not 0 < h.eval_stride <= h.eval_seq_len:
+        raise ConfigError(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}: "
+                          "a longer stride leaves targets unscored")
+    if ttt and not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len:
+        raise ConfigError(f"TTT_CHUNK_SIZE={h.ttt_chunk_size} must be in 1..TTT_EVAL_SEQ_LEN={h.ttt_eval_seq_len}: "
+                          "a chunk wider than the scoring window leaves targets unscored")
 
 
 def resolve_data_paths(h):
@@ -187,10 +252,6 @@ def resolve_data_paths(h):
 # ----------------------------------------------------------------------------- DATA
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
-
-
-class DataError(RuntimeError):
-    pass
 
 
 def read_shard(path):
@@ -1174,9 +1235,8 @@ def eval_val(model, val, h, device):
 @torch.no_grad()
 def eval_sliding(model, val, h, device, log):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets, each scoring only its last stride targets (first: all)."""
+    check_windows(h, ttt=False)
     W, S, N = h.eval_seq_len, h.eval_stride, len(val.tokens) - 1
-    if not 0 < S <= W:
-        raise ValueError(f"EVAL_STRIDE={S} must be in 1..EVAL_SEQ_LEN={W}: a longer stride leaves targets unscored")
     ends = list(range(W, N, S)) + [N] if N > W else [N]
     mine = ends[len(ends) * h.rank // h.world_size : len(ends) * (h.rank + 1) // h.world_size]
     first = ends.index(mine[0]) if mine else 0
@@ -1371,15 +1431,19 @@ def global_sgd(model, val, docs, h, device, log, phase):
         p.requires_grad_(False)
 
 
-def eval_ttt_phased(model, val, h, device, log, per_doc=None):
-    """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
-    if not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len:
-        raise ValueError(f"TTT_CHUNK_SIZE={h.ttt_chunk_size} must be in 1..TTT_EVAL_SEQ_LEN={h.ttt_eval_seq_len}: "
-                         "a chunk wider than the scoring window leaves targets unscored")
+def ttt_docs(val, h):
+    """The documents phased TTT scores: all of them, or a seeded VAL_DOC_FRACTION sample (a quick partial score)."""
     docs = find_docs(val.tokens)
     if h.val_doc_fraction < 1:
         keep = np.random.default_rng(h.seed).random(len(docs)) < h.val_doc_fraction
         docs = [d for d, k in zip(docs, keep) if k]
+    return docs
+
+
+def eval_ttt_phased(model, val, h, device, log, per_doc=None):
+    """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
+    check_windows(h, sliding=False)
+    docs = ttt_docs(val, h)
     batches, bounds, ends = ttt_schedule(docs, h)
     log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}")
     for p in model.parameters():
@@ -1621,9 +1685,6 @@ def quantize_and_save(model, h, device, log, train_ms):
 
 def main():
     h = Hyperparameters()
-    if h.prequant_ttt_enabled:
-        sys.exit("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
-                 "score-before-update (challenge Issue #1017, condition 3), so PR #1911's pre-quant TTT is not a legal score.")
     device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import REPO, tiny_env
+from conftest import REPO, make_h, tiny_env
 
 CPU = torch.device("cpu")
 V = 64  # synthetic vocabulary: 0 unused, 1 = BOS, content ids 2..63
@@ -307,10 +307,16 @@ def test_windows_that_would_skip_targets_are_refused():
     unscored: refused rather than silently reporting a BPB over part of the set."""
     m = tiny_model(tiny_h())
     val = make_val([40, 24])
-    with pytest.raises(ValueError, match="TTT_CHUNK_SIZE"):
+    with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE"):
         tg.eval_ttt_phased(m, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
-    with pytest.raises(ValueError, match="EVAL_STRIDE"):
+    with pytest.raises(tg.ConfigError, match="EVAL_STRIDE"):
         tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet)
+    # refused at startup too (these used to fail only after training), where the evaluation is enabled
+    with pytest.raises(tg.ConfigError, match="EVAL_STRIDE=4096 must be in 1..EVAL_SEQ_LEN=2048"):
+        make_h(sliding_window_enabled=True, eval_stride=4096)
+    with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE=4096 must be in 1..TTT_EVAL_SEQ_LEN=2048"):
+        make_h(ttt_chunk_size=4096)
+    make_h(eval_stride=4096, ttt_enabled=False, ttt_chunk_size=4096)
 
 
 # ----------------------------------------------------------------------------- 1. score before update

@@ -1,0 +1,104 @@
+"""Issue 13: bad input never costs a run. Settings, shards, tokenizer and artifact are checked before the model is
+built, and every failure is one line `error: ...` naming the variable or file and the fix (rank 0 only, also in the
+run log, no traceback)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import train_gpt as tg
+from conftest import REPO, SHARED_DATA, make_h, prepared_vocab, tiny_env
+
+TRAIN_GPT = str(REPO / "train_gpt.py")
+PLAIN_8192 = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"
+OUR_FRAMES = 'train_gpt.py", line'  # a traceback through our code
+
+
+def write_shard(path, n, drop=0):
+    header = np.zeros(tg.HEADER_INTS, dtype="<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, n
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.ones(n, dtype="<u2").tobytes()[: 2 * n - drop])
+    return str(path)
+
+
+def run_script(env, cwd, nproc=1, script=TRAIN_GPT):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    return subprocess.run(launch + [script], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("default,raw,want", [
+    (True, "1", True), (True, "TRUE", True), (False, " Yes ", True), (True, "no", False), (True, "0", False),
+    (True, "False", False), (True, "", True), (False, "on", None), (False, "2", None), (True, "y", None),
+    (11, "12", 12), (11, "abc", None), (11, "1.5", None), (0.35, "0.5", 0.5), (0.35, "1e-3", 1e-3), (0.35, "x", None),
+    ("brotli", "lzma", "lzma")])
+def test_env_values_parse_strictly(monkeypatch, default, raw, want):
+    """Booleans are exactly 1/0/true/false/yes/no (any case): `on` or `2` used to be silently false."""
+    monkeypatch.setenv("PG_TEST_VAR", raw)
+    if want is None:
+        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number"}[type(default)]
+        with pytest.raises(tg.ConfigError) as e:
+            tg.env_value("PG_TEST_VAR", default)
+        assert str(e.value) == f"PG_TEST_VAR={raw!r} is not {what}; fix or unset PG_TEST_VAR (default {default})"
+    else:
+        got = tg.env_value("PG_TEST_VAR", default)
+        assert got == want and type(got) is type(want)
+
+
+def test_bad_env_is_one_line_even_though_read_at_import(tmp_path):
+    """The env is read while the module is imported: importing still works (tests, tools), Hyperparameters() raises,
+    and the script prints one line naming every bad variable, before anything is written."""
+    env = dict(os.environ, NUM_LAYERS="abc", TTT_ENABLED="on", ARTIFACT_DIR=str(tmp_path))
+    code = "import train_gpt as tg\ntry:\n    tg.Hyperparameters()\nexcept tg.ConfigError as e:\n    print('no:', e)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("no: NUM_LAYERS='abc'"), r.stderr[-2000:]
+    r = run_script(env, tmp_path)
+    assert r.stderr.strip() == ("error: NUM_LAYERS='abc' is not an integer; fix or unset NUM_LAYERS (default 11); "
+                                "TTT_ENABLED='on' is not a boolean (1/0/true/false/yes/no); fix or unset TTT_ENABLED "
+                                "(default True)"), r.stderr[-3000:]
+    assert r.returncode == 1 and not list(tmp_path.iterdir())
+
+
+def test_batch_tokens_must_split_into_whole_sequences(monkeypatch):
+    """TRAIN_BATCH_TOKENS not a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN used to drop the remainder of
+    every step silently (floor division)."""
+    with pytest.raises(tg.ConfigError) as e:
+        make_h(train_batch_tokens=393000)
+    assert str(e.value) == ("TRAIN_BATCH_TOKENS=393000 is not a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN"
+                            " = 1*8*2048 = 16384; nearest valid: 393216 or 376832")
+    with pytest.raises(tg.ConfigError, match=r"= 1\*8\*2048 = 16384; nearest valid: 16384$"):
+        make_h(train_batch_tokens=1000)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    want = r"TRAIN_BATCH_TOKENS=2304 .* = 2\*1\*256 = 512; nearest valid: 2560 or 2048$"
+    with pytest.raises(tg.ConfigError, match=want):
+        make_h(train_batch_tokens=2304, grad_accum_override=1, train_seq_len=256)
+    for world in (1, 2, 3, 4, 6, 8):  # the record batch on the usual GPU counts, and the tiny test/smoke.sh configs
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        h = make_h()
+        assert h.micro_batch_tokens * world * h.grad_accum_steps == h.train_batch_tokens == 786432
+        make_h(train_batch_tokens=2048 * world, grad_accum_override=1, train_seq_len=256)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(compressor="zstd"), "COMPRESSOR='zstd' is not one of brotli, lzma"),
+    (dict(parallel_final_lane="sum"), "PARALLEL_FINAL_LANE='sum' is not one of mean, attn, mlp"),
+    (dict(train_loop_phase_depths="1,x"), "TRAIN_LOOP_PHASE_DEPTHS='1,x' is not a comma-separated list of integers"),
+    (dict(train_loop_phase_fractions="0.5,a"), "TRAIN_LOOP_PHASE_FRACTIONS='0.5,a' is not a comma-separated list"),
+    (dict(prequant_ttt_enabled=True), "PREQUANT_TTT_ENABLED=1 refused")])
+def test_settings_that_fail_after_training_are_refused_at_startup(fields, match):
+    """Each of these used to surface only at packaging, at the first forward or at a loop phase change."""
+    with pytest.raises(tg.ConfigError, match=re.escape(match)):
+        make_h(**fields)
