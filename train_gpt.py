@@ -254,8 +254,8 @@ def resolve_data_paths(h):
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
 
 
-def read_shard(path):
-    """Memory-map a token/sidecar shard after checking its header and size."""
+def shard_tokens(path):
+    """Token count of a token/sidecar shard from its header, checked against the file size (reads 1 KB)."""
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
         raise DataError(f"{path}: {size} bytes is shorter than the 1024-byte shard header; re-run prepare_caseops_data.py")
@@ -265,13 +265,25 @@ def read_shard(path):
     n = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n:
         raise DataError(f"{path}: header says {n} tokens but the file holds {(size - HEADER_INTS * 4) // 2}; the shard is truncated, re-run prepare_caseops_data.py")
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    return n
+
+
+def read_shard(path):
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(shard_tokens(path),))
 
 
 def list_shards(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {what} shards match {pattern}; prepare data with prepare_caseops_data.py or set DATA_PATH")
+    return files
+
+
+def check_shards(pattern, what):
+    """Header and size of every shard, at startup: a bad last shard fails now, not at the step that reaches it."""
+    files = list_shards(pattern, what)
+    for f in files:
+        shard_tokens(f)
     return files
 
 
@@ -1713,6 +1725,7 @@ def main():
             raise DataError(f"EVAL_ONLY=1 but artifact {path} does not exist; set ARTIFACT=path/to/final_model.int6.ptz")
         evaluate_artifact(h, device, log, val, path, t_start)
         return
+    log(f"train_shards: {len(check_shards(h.train_files, 'training'))}")  # all of them now, not when training gets there
     model = build_model(h, device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_ms = 0.0
@@ -1720,7 +1733,6 @@ def main():
         log(f"resume_from:{h.resume_from} (skipping training)")
         model.load_state_dict(torch.load(h.resume_from, map_location=device))
     else:
-        log(f"train_shards: {len(list_shards(h.train_files, 'training'))}")
         train_ms = train(model, h, device, log, val)
         if h.is_main_process:
             torch.save(model.state_dict(), h.model_path)

@@ -102,3 +102,28 @@ def test_settings_that_fail_after_training_are_refused_at_startup(fields, match)
     """Each of these used to surface only at packaging, at the first forward or at a loop phase change."""
     with pytest.raises(tg.ConfigError, match=re.escape(match)):
         make_h(**fields)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def test_every_shard_header_and_size_is_checked(tmp_path):
+    files = [write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", 100) for i in range(3)]
+    assert tg.check_shards(str(tmp_path / "fineweb_train_*.bin"), "training") == files
+    write_shard(files[2], 100, drop=2)
+    with pytest.raises(tg.DataError, match=re.escape(files[2]) + ": header says 100 tokens but the file holds 99"):
+        tg.check_shards(str(tmp_path / "fineweb_train_*.bin"), "training")
+
+
+def test_shard_check_reads_headers_only(tmp_path):
+    """80 shards of 100M tokens (sparse files): headers and sizes in well under 2 s, contents never read."""
+    n = 100_000_000
+    header = np.zeros(tg.HEADER_INTS, dtype="<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, n
+    for i in range(80):
+        with open(tmp_path / f"fineweb_train_{i:06d}.bin", "wb") as f:
+            f.write(header.tobytes())
+            f.truncate(tg.HEADER_INTS * 4 + 2 * n)
+    t0 = time.perf_counter()
+    assert len(tg.check_shards(str(tmp_path / "fineweb_train_*.bin"), "training")) == 80
+    assert time.perf_counter() - t0 < 2.0
