@@ -2,7 +2,7 @@
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every setting is an env var; see Hyperparameters)
 """
-import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid
+import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -1086,8 +1086,8 @@ def quantize_state_dict(sd, hessians, h):
 def dequantize_state_dict(payload, template):
     w, m = payload["w"], payload["m"]
     if set(m) != set(template):
-        raise ValueError(f"artifact keys do not match the model: missing {sorted(set(template) - set(m))}, "
-                         f"unexpected {sorted(set(m) - set(template))}")
+        raise ValueError(f"artifact keys do not match the model: missing {sorted(set(template) - set(m))[:5]}, "
+                         f"unexpected {sorted(set(m) - set(template))[:5]}")
     out = {}
     for name, t in template.items():
         tag = m[name]
@@ -1127,28 +1127,40 @@ def pack_artifact(payload, compressor):
     if compressor == "brotli":
         import brotli
 
-        return b"B" + brotli.compress(raw, quality=11, lgwin=24)
+        return seal(b"B", brotli.compress(raw, quality=11, lgwin=24))
     if compressor == "lzma":
-        return b"L" + lzma.compress(raw, preset=6)
+        return seal(b"L", lzma.compress(raw, preset=6))
     raise ValueError(f"unknown compressor {compressor!r} (brotli or lzma)")
 
 
-def unpack_artifact(blob):
-    """The first byte names the compressor, so loading needs no COMPRESSOR setting."""
-    kind, body = blob[:1], blob[1:]
-    if kind == b"B":
-        import brotli
+def seal(kind, body):
+    """Compressor byte, CRC32 of the compressed body, body: a flipped bit or a cut file is caught before decoding
+    (CRC32 detects every single-bit error; most of them would otherwise decode and score silently)."""
+    return kind + zlib.crc32(body).to_bytes(4, "little") + body
 
-        decompress, corrupt = brotli.decompress, brotli.error
-    elif kind == b"L":
-        decompress, corrupt = lzma.decompress, lzma.LZMAError
-    else:
-        raise ValueError(f"not a model artifact: unknown compressor byte {kind!r}")
+
+def unpack_artifact(blob, name="artifact"):
+    """The first byte names the compressor, so loading needs no COMPRESSOR setting. Bad bytes: DataError naming name."""
+    fix = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
+    kind, crc, body = blob[:1], blob[1:5], blob[5:]
+    if len(blob) < 5:
+        raise DataError(f"{name}: {len(blob)} bytes, not a model artifact (empty or truncated); {fix}")
+    if kind not in (b"B", b"L"):
+        raise DataError(f"{name}: not a model artifact (first byte {kind!r}, expected b'B' brotli or b'L' lzma); "
+                        f"check ARTIFACT, or {fix}")
+    if zlib.crc32(body) != int.from_bytes(crc, "little"):
+        raise DataError(f"{name}: checksum mismatch: the artifact is corrupt or truncated; {fix}")
     try:
-        raw = decompress(body)
-    except corrupt as e:
-        raise ValueError(f"corrupt model artifact: {e}") from e
-    return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+        if kind == b"B":
+            import brotli
+
+            raw = brotli.decompress(body)
+        else:
+            raw = lzma.decompress(body)
+        return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+    except Exception as e:  # checksum fine: written corrupt, or by an incompatible version
+        first = (str(e).splitlines() or [""])[0]
+        raise DataError(f"{name}: corrupt model artifact ({type(e).__name__}: {first}); {fix}") from e
 
 
 def code_wrapper(source_text):
@@ -1606,12 +1618,21 @@ def timed_eval(name, fn, log):
     return loss, bpb
 
 
-def load_artifact_model(h, device, path):
-    model = build_model(h, device)
+def read_artifact(path):
     with open(path, "rb") as f:
-        payload = unpack_artifact(f.read())
+        return unpack_artifact(f.read(), path)
+
+
+def load_artifact_model(h, device, path):
+    payload = read_artifact(path)  # before building anything: a bad file fails at once
+    model = build_model(h, device)
     template = {k: v.cpu() for k, v in model.unbanked_state_dict().items()}
-    model.load_unbanked(dequantize_state_dict(payload, template))
+    try:
+        sd = dequantize_state_dict(payload, template)
+    except ValueError as e:
+        raise DataError(f"{path} does not fit this model ({e}); set the model settings (NUM_LAYERS, MODEL_DIM, ...) "
+                        "of the run that made it") from None
+    model.load_unbanked(sd)
     model.depth = h.eval_loop_depth
     return model
 
