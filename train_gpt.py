@@ -1605,9 +1605,20 @@ def train(model, h, device, log, val):
 
 
 def data_transform_line(h, sp):
+    """The dataset's transform (manifest.json, else the tokenizer's kind); refuses a tokenizer of the other kind."""
     path = os.path.join(h.datasets_dir, "manifest.json")
-    transform = json.load(open(path)).get("transform") if os.path.isfile(path) else None
-    transform = transform or ("caseops" if is_caseops_tokenizer(sp) else "none")
+    try:
+        manifest = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare_caseops_data.py") from None
+    transform, caseops = manifest.get("transform"), is_caseops_tokenizer(sp)
+    made_with = (manifest.get("tokenizer") or {}).get("file")  # a CaseOps tokenizer may have made plain data on purpose
+    mismatch = transform is not None and (transform == "caseops") != caseops
+    if mismatch and (not caseops or made_with != os.path.basename(h.tokenizer_path)):
+        raise DataError(f"tokenizer {h.tokenizer_path} {'has' if caseops else 'lacks'} the CaseOps operator pieces but "
+                        f"{h.datasets_dir} holds {transform} data (manifest.json transform: {transform}); "
+                        "set TOKENIZER_PATH to the tokenizer that made it" + (f" ({made_with})" if made_with else ""))
+    transform = transform or ("caseops" if caseops else "none")
     return f"data_transform: {transform}" + (" (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else "")
 
 

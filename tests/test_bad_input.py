@@ -127,3 +127,54 @@ def test_shard_check_reads_headers_only(tmp_path):
     t0 = time.perf_counter()
     assert len(tg.check_shards(str(tmp_path / "fineweb_train_*.bin"), "training")) == 80
     assert time.perf_counter() - t0 < 2.0
+
+
+# ----------------------------------------------------------------------------- tokenizer and dataset
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(prepared_data, docs, tmp_path_factory):
+    """A SentencePiece model without the CaseOps operators: the shared SP8192 one, or a small one trained here."""
+    if PLAIN_8192.exists() and prepared_vocab(prepared_data) == 8192:
+        return PLAIN_8192
+    work = tmp_path_factory.mktemp("plain_tok")
+    (work / "docs.txt").write_text("\n".join(docs[20:80]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(work / "docs.txt"), model_prefix=str(work / "plain"), vocab_size=300,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=3, pad_id=0, minloglevel=2)
+    return work / "plain.model"
+
+
+def test_plain_tokenizer_on_caseops_data_is_refused(prepared_data, plain_tokenizer):
+    """It used to run and log `data_transform: caseops`."""
+    vocab = prepared_vocab(prepared_data)
+    sp = spm.SentencePieceProcessor(model_file=str(plain_tokenizer))
+    assert not tg.is_caseops_tokenizer(sp)
+    h = make_h(data_dir=str(prepared_data), vocab_size=vocab, tokenizer_path=str(plain_tokenizer))
+    with pytest.raises(tg.DataError) as e:
+        tg.data_transform_line(h, sp)
+    assert str(e.value).startswith(f"tokenizer {plain_tokenizer} lacks the CaseOps operator pieces but "
+                                   f"{h.datasets_dir} holds caseops data (manifest.json transform: caseops); "
+                                   "set TOKENIZER_PATH to the tokenizer that made it (")
+    caseops = next((prepared_data / "tokenizers").glob("*.model"))
+    good = make_h(data_dir=str(prepared_data), vocab_size=vocab)
+    assert good.tokenizer_path == str(caseops)
+    caseops_sp = spm.SentencePieceProcessor(model_file=str(caseops))
+    assert tg.data_transform_line(good, caseops_sp) == "data_transform: caseops"
+
+
+def test_caseops_tokenizer_on_plain_data_is_refused(prepared_data, tmp_path):
+    caseops = next((prepared_data / "tokenizers").glob("*.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(caseops))
+    ds = tmp_path / "plain_ds"
+    ds.mkdir()
+    (ds / "manifest.json").write_text(json.dumps({"transform": "none", "tokenizer": {"file": "plain.model"}}))
+    h = make_h(data_path=str(ds), tokenizer_path=str(caseops), vocab_size=sp.vocab_size())
+    want = f"tokenizer {caseops} has the CaseOps operator pieces but {ds} holds none data"
+    with pytest.raises(tg.DataError, match=re.escape(want) + r".*\(plain.model\)$"):
+        tg.data_transform_line(h, sp)
+    # data that this very tokenizer made without the transform (prepare only warns) is fine
+    (ds / "manifest.json").write_text(json.dumps({"transform": "none", "tokenizer": {"file": caseops.name}}))
+    assert tg.data_transform_line(h, sp) == "data_transform: none"
+    (ds / "manifest.json").write_text("{not json")
+    with pytest.raises(tg.DataError, match="manifest.json is not valid JSON"):
+        tg.data_transform_line(h, sp)
