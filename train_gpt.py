@@ -1745,12 +1745,13 @@ def main():
         log(f"  {k}: {v}")
     log(f"torch_version: {torch.__version__}")
     log(f"attn_backend:{ATTN_BACKEND}")
+    log(f"hardware: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x{h.world_size}")
     log(f"world_size:{h.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_tokens:{h.micro_batch_tokens}")
     sp = load_tokenizer(h)
     log(data_transform_line(h, sp))
     val = load_val(h, sp)
     log(f"val_bpb:{val.source}:enabled")
-    log(f"val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.bytes[1:].sum())}")
+    log(f"val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.bytes[1:].sum())} val_docs:{len(find_docs(val.tokens))}")
     if h.eval_only:
         path = h.artifact or h.quantized_model_path
         if not os.path.isfile(path):

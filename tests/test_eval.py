@@ -651,7 +651,7 @@ def test_e2e_two_ranks_eval_only_agrees(full_run, prepared_data, tmp_path):
     r = run_trainer(prepared_data, tmp_path, nproc=2, EVAL_ONLY=1, ARTIFACT=str(art / "final_model.int6.ptz"),
                     ARTIFACT_DIR=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "world_size:2" in r.stdout
+    assert "world_size:2" in r.stdout and re.search(r"^hardware: cpu x2$", r.stdout, re.M)
     one, two = map(float, metric(out, "quantized_ttt_phased")), map(float, metric(r.stdout, "quantized_ttt_phased"))
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-6
