@@ -1500,11 +1500,13 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
 
 
 class Logger:
+    file = None  # this process's open run log, for the error line of a DataError raised after it was opened
+
     def __init__(self, h):
         self.main = h.is_main_process
         if self.main:
             os.makedirs(os.path.dirname(h.logfile), exist_ok=True)
-            self.f = open(h.logfile, "a", encoding="utf-8")
+            self.f = Logger.file = open(h.logfile, "a", encoding="utf-8")
 
     def __call__(self, msg=""):
         if self.main:
@@ -1784,11 +1786,25 @@ def random_seed(seed):
     torch.manual_seed(seed)
 
 
+def exit_on_data_error(e, grace_s=10):
+    """Bad input: one line `error: ...` on stderr and in the run log, no traceback, exit 1. Rank 0 prints it; the
+    other ranks as a rule hit the same error and are ended by torchrun when rank 0 exits, so they print only if
+    still alive after grace_s (an error that rank 0 did not see)."""
+    line = "error: " + str(e).replace("\n", " ")
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(grace_s)
+    print(line, file=sys.stderr, flush=True)
+    if Logger.file is not None:
+        Logger.file.write(line + "\n")
+        Logger.file.flush()
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # bad input: the message names the file and the fix; a torch traceback would bury it
-        sys.exit(f"error: {e}")
+    except DataError as e:  # the message names the file and the fix; a torch traceback would bury it
+        exit_on_data_error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

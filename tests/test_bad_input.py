@@ -178,3 +178,55 @@ def test_caseops_tokenizer_on_plain_data_is_refused(prepared_data, tmp_path):
     (ds / "manifest.json").write_text("{not json")
     with pytest.raises(tg.DataError, match="manifest.json is not valid JSON"):
         tg.data_transform_line(h, sp)
+
+
+# ----------------------------------------------------------------------------- one error line under torchrun
+
+
+def one_error_line(r, log_file=None):
+    """The run failed with exactly one `error:` line on stderr (also the run log's last line), no traceback of ours."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-4000:]
+    assert OUR_FRAMES not in r.stderr + r.stdout, r.stderr[-4000:]
+    if log_file is not None:
+        assert log_file.read_text().splitlines()[-1] == errors[0]
+    return errors[0]
+
+
+def dataset_copy(prepared_data, root):
+    """prepared_data with every file linked, so that a test can add or replace one."""
+    root.mkdir()
+    (root / "tokenizers").symlink_to(prepared_data / "tokenizers", target_is_directory=True)
+    src = next((prepared_data / "datasets").iterdir())
+    dst = root / "datasets" / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    return dst
+
+
+def test_truncated_later_train_shard_fails_at_startup_two_ranks(prepared_data, tmp_path):
+    """A truncated train shard after the first used to cost a run (training died when it reached it): now the run
+    stops before the model is built, rank 0 prints one line naming the file, and the run log ends with it."""
+    ds = dataset_copy(prepared_data, tmp_path / "data")
+    first = np.asarray(tg.read_shard(str(sorted(ds.glob("fineweb_train_*.bin"))[0])))
+    bad = write_shard(ds / "fineweb_train_000099.bin", len(first), drop=2)
+    env = tiny_env(tmp_path / "data", ARTIFACT_DIR=tmp_path / "run", RUN_ID="trunc")
+    r = run_script(env, tmp_path, nproc=2)
+    line = one_error_line(r, tmp_path / "run" / "logs" / "trunc.txt")
+    assert line == (f"error: {bad}: header says {len(first)} tokens but the file holds {len(first) - 1}; "
+                    "the shard is truncated, re-run prepare_caseops_data.py")
+    assert "hardware: cpu x2" in r.stdout
+    assert "model_params:" not in r.stdout and "warmup_step:" not in r.stdout
+
+
+def test_corrupt_artifact_eval_only_two_ranks(prepared_data, tmp_path):
+    """EVAL_ONLY on a damaged artifact used to print a ValueError traceback from every rank."""
+    art = tmp_path / "final_model.int6.ptz"
+    art.write_bytes(b"B" + np.random.default_rng(0).bytes(4000))
+    env = tiny_env(prepared_data, EVAL_ONLY=1, ARTIFACT=art, ARTIFACT_DIR=tmp_path / "run", RUN_ID="corrupt")
+    r = run_script(env, tmp_path, nproc=2)
+    line = one_error_line(r, tmp_path / "run" / "logs" / "corrupt.txt")
+    assert line == (f"error: {art}: checksum mismatch: the artifact is corrupt or truncated; re-copy it, or re-run "
+                    "quantization with RESUME_FROM=final_model.pt")
