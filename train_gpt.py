@@ -1227,9 +1227,23 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class Score(NamedTuple):
+    loss: float
+    bpb: float
+    tokens: int  # targets scored
+    bytes: int  # their original bytes
+
+
 def bpb_from_sums(sums):
     nll, ntok, nbytes = sums.tolist()[:3]
-    return nll / max(ntok, 1), nll / (math.log(2) * max(nbytes, 1))
+    return Score(nll / max(ntok, 1), nll / (math.log(2) * max(nbytes, 1)), round(ntok), round(nbytes))
+
+
+def val_totals(val, docs=None):
+    """(targets, bytes) an evaluation must score: the whole set, or these documents (TTT with VAL_DOC_FRACTION < 1)."""
+    if docs is None:
+        return len(val.tokens) - 1, int(val.bytes[1:].sum())
+    return sum(d.length - 1 for d in docs), sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in docs)
 
 
 def reduce_sums(sums, h):
@@ -1283,7 +1297,7 @@ def eval_sliding(model, val, h, device, log):
         nb = torch.cat(bs).double().to(device)
         sums += torch.stack([(loss.double() * m_dev).sum(), m_dev.double().sum(), (nb * m_dev).sum()])
         if h.is_main_process and (bi // per_fwd) % 50 == 0:
-            rl, rb = bpb_from_sums(sums)
+            rl, rb = bpb_from_sums(sums)[:2]
             log(f"sliding_progress: batch {bi // per_fwd + 1}/{-(-len(mine) // per_fwd)} tokens:{int(sums[1])} running_loss:{rl:.4f} running_bpb:{rb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
     return bpb_from_sums(reduce_sums(sums, h))
 
@@ -1481,8 +1495,8 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
             bs = ttt_batch(model, val_dev, bytes_dev, [docs[i] for i in batches[q]], h, device, gen, per_doc)
             sums += bs
             if h.is_main_process:
-                bl, bb = bpb_from_sums(bs)
-                rl, rb = bpb_from_sums(sums)
+                bl, bb = bpb_from_sums(bs)[:2]
+                rl, rb = bpb_from_sums(sums)[:2]
                 lens = [docs[i].length for i in batches[q]]
                 log(f"ttp: b{len(batches) - q}/{len(batches)} bl:{bl:.4f} bb:{bb:.4f} rl:{rl:.4f} rb:{rb:.4f} dl:{min(lens)}-{max(lens)} gd:{min(phase, len(bounds))}")
         if phase < len(bounds):
@@ -1568,7 +1582,7 @@ def train(model, h, device, log, val):
         if h.val_loss_every > 0 and (step % h.val_loss_every == 0 or last):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = eval_val(model, val, h, device)
+            vl, vb = eval_val(model, val, h, device)[:2]
             log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(device)
             t0 = time.perf_counter()
@@ -1624,11 +1638,20 @@ def data_transform_line(h, sp):
     return f"data_transform: {transform}" + (" (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else "")
 
 
-def timed_eval(name, fn, log):
+def log_score(name, s, ms, expect, log):
+    """The result line, with the targets and bytes scored; a score that skipped or repeated targets is refused."""
+    log(f"{name} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms "
+        f"val_tokens:{s.tokens} val_bytes:{s.bytes}")
+    if (s.tokens, s.bytes) != expect:
+        raise RuntimeError(f"{name} scored {s.tokens} targets / {s.bytes} bytes but the set holds {expect[0]} / "
+                           f"{expect[1]}: targets were skipped or scored twice; this score is invalid (a scorer bug)")
+
+
+def timed_eval(name, fn, log, expect):
     t0 = time.perf_counter()
-    loss, bpb = fn()
-    log(f"{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    return loss, bpb
+    s = fn()
+    log_score(name, s, 1000 * (time.perf_counter() - t0), expect, log)
+    return s
 
 
 def read_artifact(path):
@@ -1676,9 +1699,10 @@ def ttt_warmup(model, h, device, log):
 
 def evaluate_artifact(h, device, log, val, path, t_start):
     model = load_artifact_model(h, device, path)
-    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device), log)
+    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device), log, val_totals(val))
     if h.sliding_window_enabled:
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log)
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log,
+                   val_totals(val))
     if not h.ttt_enabled:
         return
     # global SGD runs eagerly: its packed rows would need their own graphs, compiled inside the timed loop
@@ -1689,12 +1713,13 @@ def evaluate_artifact(h, device, log, val, path, t_start):
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()
-    loss, bpb = eval_ttt_phased(model, val, h, device, log)
+    score = eval_ttt_phased(model, val, h, device, log)
     sync(device)
     t = time.perf_counter() - t0
     if h.ttt_compile:
         log(f"ttt_lora:graphs compiled inside the timer: {compiled_graphs() - g0}")
-    log(f"quantized_ttt_phased val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * t:.0f}ms")
+    subset = ttt_docs(val, h) if h.val_doc_fraction < 1 else None  # else the whole set, not find_docs' idea of it
+    log_score("quantized_ttt_phased", score, 1000 * t, val_totals(val, subset), log)
     log(f"total_eval_time:{t:.1f}s")
     log(f"eval_wall_time:{time.perf_counter() - t_start:.1f}s (deserialisation, diagnostics, warm-up and TTT)")
 
@@ -1773,7 +1798,7 @@ def main():
             torch.save(model.state_dict(), h.model_path)
             log(f"Serialized model: {os.path.getsize(h.model_path)} bytes")
     model.depth = h.eval_loop_depth
-    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device), log)
+    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device), log, val_totals(val))
     quantize_and_save(model, h, device, log, train_ms)
     del model
     evaluate_artifact(h, device, log, val, h.quantized_model_path, time.perf_counter())
