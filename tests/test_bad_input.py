@@ -1,6 +1,7 @@
 """Issue 13: bad input never costs a run. Settings, shards, tokenizer and artifact are checked before the model is
 built, and every failure is one line `error: ...` naming the variable or file and the fix (rank 0 only, also in the
 run log, no traceback)."""
+import importlib.util
 import json
 import os
 import re
@@ -29,12 +30,12 @@ def write_shard(path, n, drop=0):
     return str(path)
 
 
-def run_script(env, cwd, nproc=1, script=TRAIN_GPT):
+def run_script(env, cwd, nproc=1):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
-    return subprocess.run(launch + [script], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(launch + [TRAIN_GPT], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -58,14 +59,17 @@ def test_env_values_parse_strictly(monkeypatch, default, raw, want):
         assert got == want and type(got) is type(want)
 
 
-def test_bad_env_is_one_line_even_though_read_at_import(tmp_path):
+def test_bad_env_is_one_line_even_though_read_at_import(tmp_path, monkeypatch):
     """The env is read while the module is imported: importing still works (tests, tools), Hyperparameters() raises,
     and the script prints one line naming every bad variable, before anything is written."""
-    env = dict(os.environ, NUM_LAYERS="abc", TTT_ENABLED="on", ARTIFACT_DIR=str(tmp_path))
-    code = "import train_gpt as tg\ntry:\n    tg.Hyperparameters()\nexcept tg.ConfigError as e:\n    print('no:', e)"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("no: NUM_LAYERS='abc'"), r.stderr[-2000:]
-    r = run_script(env, tmp_path)
+    monkeypatch.setenv("NUM_LAYERS", "abc")
+    monkeypatch.setenv("TTT_ENABLED", "on")
+    spec = importlib.util.spec_from_file_location("train_gpt_bad_env", TRAIN_GPT)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # a fresh import under the bad env
+    with pytest.raises(fresh.ConfigError, match=r"^NUM_LAYERS='abc' is not an integer; .*; TTT_ENABLED='on'"):
+        fresh.Hyperparameters()
+    r = run_script(dict(os.environ, ARTIFACT_DIR=str(tmp_path)), tmp_path)
     assert r.stderr.strip() == ("error: NUM_LAYERS='abc' is not an integer; fix or unset NUM_LAYERS (default 11); "
                                 "TTT_ENABLED='on' is not a boolean (1/0/true/false/yes/no); fix or unset TTT_ENABLED "
                                 "(default True)"), r.stderr[-3000:]
