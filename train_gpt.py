@@ -2,7 +2,7 @@
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every setting is an env var; see Hyperparameters)
 """
-import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid
+import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -16,13 +16,39 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # ----------------------------------------------------------------------------- CONFIG
 
 
-def _env(name, default):
+class DataError(RuntimeError):
+    """Bad input (data, tokenizer, artifact, settings): main prints it as one `error:` line, no traceback."""
+
+
+class ConfigError(DataError):
+    pass
+
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_ENV_ERRORS = []  # bad values met while the Hyperparameters class body runs (at import); raised by its __init__
+
+
+def env_value(name, default):
+    """Env var `name` parsed as its default's type; empty or unset gives the default."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes")
-    return type(default)(raw) if default is not None else raw
+    kind = type(default)
+    try:
+        if kind is bool:
+            return BOOLS[raw.strip().lower()]
+        return raw if default is None or kind is str else kind(raw)
+    except (KeyError, ValueError):
+        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{name}={raw!r} is not {what}; fix or unset {name} (default {default})") from None
+
+
+def _env(name, default):
+    try:
+        return env_value(name, default)
+    except ConfigError as e:  # an import must not fail on a bad env: Hyperparameters() reports it
+        _ENV_ERRORS.append(str(e))
+        return default
 
 
 def _ints(text):
@@ -146,6 +172,8 @@ class Hyperparameters:
     global_ttt_grad_clip = _env("GLOBAL_TTT_GRAD_CLIP", 1.0)
 
     def __init__(self):
+        if _ENV_ERRORS:
+            raise ConfigError("; ".join(_ENV_ERRORS))
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -153,6 +181,7 @@ class Hyperparameters:
         self.is_main_process = self.rank == 0
         self.grad_accum_steps = self.grad_accum_override or max(1, 8 // self.world_size)
         self.micro_batch_tokens = self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
+        check_config(self)
         out = self.artifact_dir or "."
         self.logfile = os.path.join(out, "logs", f"{self.run_id}.txt")
         self.model_path = os.path.join(out, "final_model.pt")
@@ -166,6 +195,42 @@ class Hyperparameters:
 
     def public(self):
         return {k: getattr(self, k) for k in sorted(dir(self)) if not k.startswith("_") and not callable(getattr(self, k))}
+
+
+def check_config(h):
+    """Settings that would otherwise fail, or quietly change the run, after training has started."""
+    if h.prequant_ttt_enabled:
+        raise ConfigError("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
+                          "score-before-update (challenge Issue #1017, condition 3), "
+                          "so PR #1911's pre-quant TTT is not a legal score")
+    unit = h.world_size * h.grad_accum_steps * h.train_seq_len
+    if h.train_batch_tokens % unit:  # the loader would drop the remainder of every step
+        lo = h.train_batch_tokens // unit * unit
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of "
+                          f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {h.world_size}*{h.grad_accum_steps}*"
+                          f"{h.train_seq_len} = {unit}; nearest valid: {lo + unit}" + (f" or {lo}" if lo else ""))
+    for name, value, ok in (("COMPRESSOR", h.compressor, ("brotli", "lzma")),
+                            ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
+        if value not in ok:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
+    for name, parse in (("TRAIN_LOOP_PHASE_DEPTHS", _ints), ("TRAIN_LOOP_PREWARM_DEPTHS", _ints),
+                        ("TRAIN_LOOP_PHASE_FRACTIONS", _floats)):
+        try:
+            parse(getattr(h, name.lower()))
+        except ValueError:
+            what = "integers" if parse is _ints else "numbers"
+            raise ConfigError(f"{name}={getattr(h, name.lower())!r} is not a comma-separated list of {what}") from None
+    check_windows(h, h.sliding_window_enabled, h.ttt_enabled)
+
+
+def check_windows(h, sliding=True, ttt=True):
+    """Scoring windows that would leave targets unscored: refused at startup and by the evaluations themselves."""
+    if sliding and not 0 < h.eval_stride <= h.eval_seq_len:
+        raise ConfigError(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}: "
+                          "a longer stride leaves targets unscored")
+    if ttt and not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len:
+        raise ConfigError(f"TTT_CHUNK_SIZE={h.ttt_chunk_size} must be in 1..TTT_EVAL_SEQ_LEN={h.ttt_eval_seq_len}: "
+                          "a chunk wider than the scoring window leaves targets unscored")
 
 
 def resolve_data_paths(h):
@@ -189,12 +254,8 @@ def resolve_data_paths(h):
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
 
 
-class DataError(RuntimeError):
-    pass
-
-
-def read_shard(path):
-    """Memory-map a token/sidecar shard after checking its header and size."""
+def shard_tokens(path):
+    """Token count of a token/sidecar shard from its header, checked against the file size (reads 1 KB)."""
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
         raise DataError(f"{path}: {size} bytes is shorter than the 1024-byte shard header; re-run prepare_caseops_data.py")
@@ -204,13 +265,25 @@ def read_shard(path):
     n = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n:
         raise DataError(f"{path}: header says {n} tokens but the file holds {(size - HEADER_INTS * 4) // 2}; the shard is truncated, re-run prepare_caseops_data.py")
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    return n
+
+
+def read_shard(path):
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(shard_tokens(path),))
 
 
 def list_shards(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {what} shards match {pattern}; prepare data with prepare_caseops_data.py or set DATA_PATH")
+    return files
+
+
+def check_shards(pattern, what):
+    """Header and size of every shard, at startup: a bad last shard fails now, not at the step that reaches it."""
+    files = list_shards(pattern, what)
+    for f in files:
+        shard_tokens(f)
     return files
 
 
@@ -1014,8 +1087,8 @@ def quantize_state_dict(sd, hessians, h):
 def dequantize_state_dict(payload, template):
     w, m = payload["w"], payload["m"]
     if set(m) != set(template):
-        raise ValueError(f"artifact keys do not match the model: missing {sorted(set(template) - set(m))}, "
-                         f"unexpected {sorted(set(m) - set(template))}")
+        raise ValueError(f"artifact keys do not match the model: missing {sorted(set(template) - set(m))[:5]}, "
+                         f"unexpected {sorted(set(m) - set(template))[:5]}")
     out = {}
     for name, t in template.items():
         tag = m[name]
@@ -1055,28 +1128,40 @@ def pack_artifact(payload, compressor):
     if compressor == "brotli":
         import brotli
 
-        return b"B" + brotli.compress(raw, quality=11, lgwin=24)
+        return seal(b"B", brotli.compress(raw, quality=11, lgwin=24))
     if compressor == "lzma":
-        return b"L" + lzma.compress(raw, preset=6)
+        return seal(b"L", lzma.compress(raw, preset=6))
     raise ValueError(f"unknown compressor {compressor!r} (brotli or lzma)")
 
 
-def unpack_artifact(blob):
-    """The first byte names the compressor, so loading needs no COMPRESSOR setting."""
-    kind, body = blob[:1], blob[1:]
-    if kind == b"B":
-        import brotli
+def seal(kind, body):
+    """Compressor byte, CRC32 of the compressed body, body: a flipped bit or a cut file is caught before decoding
+    (CRC32 detects every single-bit error; most of them would otherwise decode and score silently)."""
+    return kind + zlib.crc32(body).to_bytes(4, "little") + body
 
-        decompress, corrupt = brotli.decompress, brotli.error
-    elif kind == b"L":
-        decompress, corrupt = lzma.decompress, lzma.LZMAError
-    else:
-        raise ValueError(f"not a model artifact: unknown compressor byte {kind!r}")
+
+def unpack_artifact(blob, name="artifact"):
+    """The first byte names the compressor, so loading needs no COMPRESSOR setting. Bad bytes: DataError naming name."""
+    fix = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
+    kind, crc, body = blob[:1], blob[1:5], blob[5:]
+    if len(blob) < 5:
+        raise DataError(f"{name}: {len(blob)} bytes, not a model artifact (empty or truncated); {fix}")
+    if kind not in (b"B", b"L"):
+        raise DataError(f"{name}: not a model artifact (first byte {kind!r}, expected b'B' brotli or b'L' lzma); "
+                        f"check ARTIFACT, or {fix}")
+    if zlib.crc32(body) != int.from_bytes(crc, "little"):
+        raise DataError(f"{name}: checksum mismatch: the artifact is corrupt or truncated; {fix}")
     try:
-        raw = decompress(body)
-    except corrupt as e:
-        raise ValueError(f"corrupt model artifact: {e}") from e
-    return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+        if kind == b"B":
+            import brotli
+
+            raw = brotli.decompress(body)
+        else:
+            raw = lzma.decompress(body)
+        return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+    except Exception as e:  # checksum fine: written corrupt, or by an incompatible version
+        first = (str(e).splitlines() or [""])[0]
+        raise DataError(f"{name}: corrupt model artifact ({type(e).__name__}: {first}); {fix}") from e
 
 
 def code_wrapper(source_text):
@@ -1143,9 +1228,23 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class Score(NamedTuple):
+    loss: float
+    bpb: float
+    tokens: int  # targets scored
+    bytes: int  # their original bytes
+
+
 def bpb_from_sums(sums):
     nll, ntok, nbytes = sums.tolist()[:3]
-    return nll / max(ntok, 1), nll / (math.log(2) * max(nbytes, 1))
+    return Score(nll / max(ntok, 1), nll / (math.log(2) * max(nbytes, 1)), round(ntok), round(nbytes))
+
+
+def val_totals(val, docs=None):
+    """(targets, bytes) an evaluation must score: the whole set, or these documents (TTT with VAL_DOC_FRACTION < 1)."""
+    if docs is None:
+        return len(val.tokens) - 1, int(val.bytes[1:].sum())
+    return sum(d.length - 1 for d in docs), sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in docs)
 
 
 def reduce_sums(sums, h):
@@ -1175,9 +1274,8 @@ def eval_val(model, val, h, device):
 @torch.no_grad()
 def eval_sliding(model, val, h, device, log):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets, each scoring only its last stride targets (first: all)."""
+    check_windows(h, ttt=False)
     W, S, N = h.eval_seq_len, h.eval_stride, len(val.tokens) - 1
-    if not 0 < S <= W:
-        raise ValueError(f"EVAL_STRIDE={S} must be in 1..EVAL_SEQ_LEN={W}: a longer stride leaves targets unscored")
     ends = list(range(W, N, S)) + [N] if N > W else [N]
     mine = ends[len(ends) * h.rank // h.world_size : len(ends) * (h.rank + 1) // h.world_size]
     first = ends.index(mine[0]) if mine else 0
@@ -1200,7 +1298,7 @@ def eval_sliding(model, val, h, device, log):
         nb = torch.cat(bs).double().to(device)
         sums += torch.stack([(loss.double() * m_dev).sum(), m_dev.double().sum(), (nb * m_dev).sum()])
         if h.is_main_process and (bi // per_fwd) % 50 == 0:
-            rl, rb = bpb_from_sums(sums)
+            rl, rb = bpb_from_sums(sums)[:2]
             log(f"sliding_progress: batch {bi // per_fwd + 1}/{-(-len(mine) // per_fwd)} tokens:{int(sums[1])} running_loss:{rl:.4f} running_bpb:{rb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
     return bpb_from_sums(reduce_sums(sums, h))
 
@@ -1378,15 +1476,19 @@ def global_sgd(model, val, docs, h, device, log, phase):
         p.requires_grad_(False)
 
 
-def eval_ttt_phased(model, val, h, device, log, per_doc=None):
-    """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
-    if not 0 < h.ttt_chunk_size <= h.ttt_eval_seq_len:
-        raise ValueError(f"TTT_CHUNK_SIZE={h.ttt_chunk_size} must be in 1..TTT_EVAL_SEQ_LEN={h.ttt_eval_seq_len}: "
-                         "a chunk wider than the scoring window leaves targets unscored")
+def ttt_docs(val, h):
+    """The documents phased TTT scores: all of them, or a seeded VAL_DOC_FRACTION sample (a quick partial score)."""
     docs = find_docs(val.tokens)
     if h.val_doc_fraction < 1:
         keep = np.random.default_rng(h.seed).random(len(docs)) < h.val_doc_fraction
         docs = [d for d, k in zip(docs, keep) if k]
+    return docs
+
+
+def eval_ttt_phased(model, val, h, device, log, per_doc=None):
+    """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
+    check_windows(h, sliding=False)
+    docs = ttt_docs(val, h)
     batches, bounds, ends = ttt_schedule(docs, h)
     log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}")
     for p in model.parameters():
@@ -1400,8 +1502,8 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
             bs = ttt_batch(model, val_dev, bytes_dev, [docs[i] for i in batches[q]], h, device, gen, per_doc)
             sums += bs
             if h.is_main_process:
-                bl, bb = bpb_from_sums(bs)
-                rl, rb = bpb_from_sums(sums)
+                bl, bb = bpb_from_sums(bs)[:2]
+                rl, rb = bpb_from_sums(sums)[:2]
                 lens = [docs[i].length for i in batches[q]]
                 log(f"ttp: b{len(batches) - q}/{len(batches)} bl:{bl:.4f} bb:{bb:.4f} rl:{rl:.4f} rb:{rb:.4f} dl:{min(lens)}-{max(lens)} gd:{min(phase, len(bounds))}")
         if phase < len(bounds):
@@ -1419,11 +1521,13 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
 
 
 class Logger:
+    file = None  # this process's open run log, for the error line of a DataError raised after it was opened
+
     def __init__(self, h):
         self.main = h.is_main_process
         if self.main:
             os.makedirs(os.path.dirname(h.logfile), exist_ok=True)
-            self.f = open(h.logfile, "a", encoding="utf-8")
+            self.f = Logger.file = open(h.logfile, "a", encoding="utf-8")
 
     def __call__(self, msg=""):
         if self.main:
@@ -1494,7 +1598,7 @@ def train(model, h, device, log, val):
         if h.val_loss_every > 0 and (step % h.val_loss_every == 0 or last):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = eval_in_loop(model, val, h, device)
+            vl, vb = eval_in_loop(model, val, h, device)[:2]
             log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(device)
             t0 = time.perf_counter()
@@ -1533,25 +1637,54 @@ def train(model, h, device, log, val):
 
 
 def data_transform_line(h, sp):
+    """The dataset's transform (manifest.json, else the tokenizer's kind); refuses a tokenizer of the other kind."""
     path = os.path.join(h.datasets_dir, "manifest.json")
-    transform = json.load(open(path)).get("transform") if os.path.isfile(path) else None
-    transform = transform or ("caseops" if is_caseops_tokenizer(sp) else "none")
+    try:
+        manifest = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare_caseops_data.py") from None
+    transform, caseops = manifest.get("transform"), is_caseops_tokenizer(sp)
+    made_with = (manifest.get("tokenizer") or {}).get("file")  # a CaseOps tokenizer may have made plain data on purpose
+    mismatch = transform is not None and (transform == "caseops") != caseops
+    if mismatch and (not caseops or made_with != os.path.basename(h.tokenizer_path)):
+        raise DataError(f"tokenizer {h.tokenizer_path} {'has' if caseops else 'lacks'} the CaseOps operator pieces but "
+                        f"{h.datasets_dir} holds {transform} data (manifest.json transform: {transform}); "
+                        "set TOKENIZER_PATH to the tokenizer that made it" + (f" ({made_with})" if made_with else ""))
+    transform = transform or ("caseops" if caseops else "none")
     return f"data_transform: {transform}" + (" (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else "")
 
 
-def timed_eval(name, fn, log):
+def log_score(name, s, ms, expect, log):
+    """The result line, with the targets and bytes scored; a score that skipped or repeated targets is refused."""
+    log(f"{name} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms "
+        f"val_tokens:{s.tokens} val_bytes:{s.bytes}")
+    if (s.tokens, s.bytes) != expect:
+        raise RuntimeError(f"{name} scored {s.tokens} targets / {s.bytes} bytes but the set holds {expect[0]} / "
+                           f"{expect[1]}: targets were skipped or scored twice; this score is invalid (a scorer bug)")
+
+
+def timed_eval(name, fn, log, expect):
     t0 = time.perf_counter()
-    loss, bpb = fn()
-    log(f"{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    return loss, bpb
+    s = fn()
+    log_score(name, s, 1000 * (time.perf_counter() - t0), expect, log)
+    return s
+
+
+def read_artifact(path):
+    with open(path, "rb") as f:
+        return unpack_artifact(f.read(), path)
 
 
 def load_artifact_model(h, device, path):
+    payload = read_artifact(path)  # before building anything: a bad file fails at once
     model = build_model(h, device)
-    with open(path, "rb") as f:
-        payload = unpack_artifact(f.read())
     template = {k: v.cpu() for k, v in model.unbanked_state_dict().items()}
-    model.load_unbanked(dequantize_state_dict(payload, template))
+    try:
+        sd = dequantize_state_dict(payload, template)
+    except ValueError as e:
+        raise DataError(f"{path} does not fit this model ({e}); set the model settings (NUM_LAYERS, MODEL_DIM, ...) "
+                        "of the run that made it") from None
+    model.load_unbanked(sd)
     model.depth = h.eval_loop_depth
     return model
 
@@ -1582,9 +1715,10 @@ def ttt_warmup(model, h, device, log):
 
 def evaluate_artifact(h, device, log, val, path, t_start):
     model = load_artifact_model(h, device, path)
-    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device), log)
+    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device), log, val_totals(val))
     if h.sliding_window_enabled:
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log)
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log,
+                   val_totals(val))
     if not h.ttt_enabled:
         return
     # global SGD runs eagerly: its packed rows would need their own graphs, compiled inside the timed loop
@@ -1595,12 +1729,13 @@ def evaluate_artifact(h, device, log, val, path, t_start):
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()
-    loss, bpb = eval_ttt_phased(model, val, h, device, log)
+    score = eval_ttt_phased(model, val, h, device, log)
     sync(device)
     t = time.perf_counter() - t0
     if h.ttt_compile:
         log(f"ttt_lora:graphs compiled inside the timer: {compiled_graphs() - g0}")
-    log(f"quantized_ttt_phased val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * t:.0f}ms")
+    subset = ttt_docs(val, h) if h.val_doc_fraction < 1 else None  # else the whole set, not find_docs' idea of it
+    log_score("quantized_ttt_phased", score, 1000 * t, val_totals(val, subset), log)
     log(f"total_eval_time:{t:.1f}s")
     log(f"eval_wall_time:{time.perf_counter() - t_start:.1f}s (deserialisation, diagnostics, warm-up and TTT)")
 
@@ -1637,9 +1772,6 @@ def quantize_and_save(model, h, device, log, train_ms):
 
 def main():
     h = Hyperparameters()
-    if h.prequant_ttt_enabled:
-        sys.exit("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
-                 "score-before-update (challenge Issue #1017, condition 3), so PR #1911's pre-quant TTT is not a legal score.")
     device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1656,18 +1788,20 @@ def main():
         log(f"  {k}: {v}")
     log(f"torch_version: {torch.__version__}")
     log(f"attn_backend:{ATTN_BACKEND}")
+    log(f"hardware: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x{h.world_size}")
     log(f"world_size:{h.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_tokens:{h.micro_batch_tokens}")
     sp = load_tokenizer(h)
     log(data_transform_line(h, sp))
     val = load_val(h, sp)
     log(f"val_bpb:{val.source}:enabled")
-    log(f"val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.bytes[1:].sum())}")
+    log(f"val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.bytes[1:].sum())} val_docs:{len(find_docs(val.tokens))}")
     if h.eval_only:
         path = h.artifact or h.quantized_model_path
         if not os.path.isfile(path):
             raise DataError(f"EVAL_ONLY=1 but artifact {path} does not exist; set ARTIFACT=path/to/final_model.int6.ptz")
         evaluate_artifact(h, device, log, val, path, t_start)
         return
+    log(f"train_shards: {len(check_shards(h.train_files, 'training'))}")  # all of them now, not when training gets there
     model = build_model(h, device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_ms = 0.0
@@ -1675,13 +1809,12 @@ def main():
         log(f"resume_from:{h.resume_from} (skipping training)")
         model.load_state_dict(torch.load(h.resume_from, map_location=device))
     else:
-        log(f"train_shards: {len(list_shards(h.train_files, 'training'))}")
         train_ms = train(model, h, device, log, val)
         if h.is_main_process:
             torch.save(model.state_dict(), h.model_path)
             log(f"Serialized model: {os.path.getsize(h.model_path)} bytes")
     model.depth = h.eval_loop_depth
-    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device), log)
+    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device), log, val_totals(val))
     quantize_and_save(model, h, device, log, train_ms)
     del model
     evaluate_artifact(h, device, log, val, h.quantized_model_path, time.perf_counter())
@@ -1694,11 +1827,25 @@ def random_seed(seed):
     torch.manual_seed(seed)
 
 
+def exit_on_data_error(e, grace_s=10):
+    """Bad input: one line `error: ...` on stderr and in the run log, no traceback, exit 1. Rank 0 prints it; the
+    other ranks as a rule hit the same error and are ended by torchrun when rank 0 exits, so they print only if
+    still alive after grace_s (an error that rank 0 did not see)."""
+    line = "error: " + str(e).replace("\n", " ")
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(grace_s)
+    print(line, file=sys.stderr, flush=True)
+    if Logger.file is not None:
+        Logger.file.write(line + "\n")
+        Logger.file.flush()
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # bad input: the message names the file and the fix; a torch traceback would bury it
-        sys.exit(f"error: {e}")
+    except DataError as e:  # the message names the file and the fix; a torch traceback would bury it
+        exit_on_data_error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

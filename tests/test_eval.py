@@ -2,22 +2,25 @@
 phased score-first TTT. Unit tests use a tiny fp32 GPT on synthetic token streams (BOS = 1 at every document start,
 random byte sidecar, 0 bytes at BOS), so comparisons are exact; the end-to-end tests run train_gpt.py on prepared_data."""
 import copy
+import glob
 import math
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import REPO, tiny_env
+from conftest import REPO, make_h, prepared_vocab, tiny_env
 
 CPU = torch.device("cpu")
 V = 64  # synthetic vocabulary: 0 unused, 1 = BOS, content ids 2..63
@@ -100,8 +103,8 @@ def capture_sums(monkeypatch):
 def ttt_scores(model, val, h, log=quiet):
     """Run eval_ttt_phased on a copy of the model (global SGD updates it in place); per-target scores per document."""
     per_doc = defaultdict(list)
-    loss, bpb = tg.eval_ttt_phased(copy.deepcopy(model), val, h, CPU, log, per_doc)
-    return (loss, bpb), {s: torch.cat(v) for s, v in per_doc.items()}, per_doc
+    res = tg.eval_ttt_phased(copy.deepcopy(model), val, h, CPU, log, per_doc)
+    return res, {s: torch.cat(v) for s, v in per_doc.items()}, per_doc
 
 
 def doc_alone_losses(model, val, doc):
@@ -125,7 +128,8 @@ def scramble(val, doc, seed, lo=1):
 
 
 def test_bpb_from_sums_formula():
-    loss, bpb = tg.bpb_from_sums(torch.tensor([12.5, 5.0, 9.0], dtype=torch.float64))
+    loss, bpb, ntok, nbytes = tg.bpb_from_sums(torch.tensor([12.5, 5.0, 9.0], dtype=torch.float64))
+    assert (ntok, nbytes) == (5, 9) and type(ntok) is int  # the counts scored come back for the result line
     assert loss == pytest.approx(12.5 / 5)
     assert bpb == pytest.approx(12.5 / (math.log(2) * 9))
     # val_bpb = (val_loss / ln 2) * (targets / bytes)
@@ -141,7 +145,8 @@ def test_eval_val_matches_hand_computation():
     assert all(d.length - 1 <= h.eval_seq_len for d in docs)
     nll = sum(doc_alone_losses(m, val, d).double().sum().item() for d in docs)
     n, nbytes = len(val.tokens) - 1, int(val.bytes[1:].sum())
-    loss, bpb = tg.eval_val(m, val, h, CPU)
+    loss, bpb, ntok, got_bytes = tg.eval_val(m, val, h, CPU)
+    assert (ntok, got_bytes) == (n, nbytes)
     assert loss == pytest.approx(nll / n, rel=1e-6)
     assert bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
     # several rows per batch (row boundaries fall between documents of exactly one row) give the same numbers
@@ -307,10 +312,82 @@ def test_windows_that_would_skip_targets_are_refused():
     unscored: refused rather than silently reporting a BPB over part of the set."""
     m = tiny_model(tiny_h())
     val = make_val([40, 24])
-    with pytest.raises(ValueError, match="TTT_CHUNK_SIZE"):
+    with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE"):
         tg.eval_ttt_phased(m, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
-    with pytest.raises(ValueError, match="EVAL_STRIDE"):
+    with pytest.raises(tg.ConfigError, match="EVAL_STRIDE"):
         tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet)
+    # refused at startup too (these used to fail only after training), where the evaluation is enabled
+    with pytest.raises(tg.ConfigError, match="EVAL_STRIDE=4096 must be in 1..EVAL_SEQ_LEN=2048"):
+        make_h(sliding_window_enabled=True, eval_stride=4096)
+    with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE=4096 must be in 1..TTT_EVAL_SEQ_LEN=2048"):
+        make_h(ttt_chunk_size=4096)
+    make_h(eval_stride=4096, ttt_enabled=False, ttt_chunk_size=4096)
+
+
+# ----------------------------------------------------------------------------- scored counts (issue 13)
+
+
+def scored_docs_totals(val, per_doc):
+    """(targets, bytes) of the documents that per_doc shows were scored, from find_docs' spans."""
+    docs = [d for d in tg.find_docs(val.tokens) if d.start in per_doc]
+    return sum(d.length - 1 for d in docs), sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in docs)
+
+
+def test_scored_counts_are_the_val_tokens_and_original_utf8_bytes(prepared_data, docs):
+    """Real val set: with every token kept (EVAL_SEQ_LEN = all targets) its totals are the val token count and the
+    UTF-8 bytes of the 12 val documents (SentencePiece charges no leading/trailing whitespace), and the evaluations
+    report exactly that over the last three documents (the full set is scored by the end-to-end run)."""
+    vocab = prepared_vocab(prepared_data)
+    n = sum(tg.shard_tokens(f) for f in glob.glob(make_h(data_dir=str(prepared_data), vocab_size=vocab).val_files))
+    tiny = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2, num_loops=2,
+                parallel_start_layer=3, xsa_last_n=4, compile=False, eval_loop_depth=2, vocab_size=vocab)
+    h = make_h(data_dir=str(prepared_data), eval_seq_len=n - 1, **tiny)
+    val = tg.load_val(h, spm.SentencePieceProcessor(model_file=h.tokenizer_path))
+    utf8 = lambda texts: sum(len(d.strip(" \t\n").encode("utf-8")) for d in texts)
+    assert len(val.tokens) == n and len(tg.find_docs(val.tokens)) == 12
+    assert tg.val_totals(val) == (n - 1, utf8(docs[:12]))
+    start = tg.find_docs(val.tokens)[9].start
+    tail = val._replace(tokens=val.tokens[start:], bytes=val.bytes[start:])
+    want = (len(tail.tokens) - 1, utf8(docs[9:12]))
+    m = tiny_model(h)
+    assert tg.eval_val(m, tail, make_h(eval_seq_len=want[0], **tiny), CPU)[2:] == want
+    assert tg.eval_sliding(m, tail, make_h(eval_seq_len=256, eval_stride=128, **tiny), CPU, quiet)[2:] == want
+
+
+def artifact_of(model, path):
+    sd = model.unbanked_state_dict()
+    path.write_bytes(tg.pack_artifact({"w": {k: v.half() for k, v in sd.items()},
+                                       "m": {k: "passthrough (float16)" for k in sd}}, "lzma"))
+    return str(path)
+
+
+def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(tmp_path, monkeypatch):
+    """Every result line ends with the targets and bytes scored (the whole set; the kept documents' totals for TTT
+    with VAL_DOC_FRACTION < 1); a scorer that drops a batch fails loudly instead of logging a BPB."""
+    over = dict(ttt_compile=False, val_doc_fraction=0.5, phased_ttt_prefix_docs=2, phased_ttt_num_phases=1)
+    h = tiny_h(**over, sliding_window_enabled=True, eval_stride=32)
+    path = artifact_of(tiny_model(h), tmp_path / "a.ptz")
+    val = make_val(padded([40, 12, 33, 2, 64, 25, 9, 44, 30, 18, 38, 7]))
+    lines = []
+    tg.evaluate_artifact(h, CPU, lines.append, val, path, time.perf_counter())
+    line_re = r"^(.+) val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:\d+ms val_tokens:(\d+) val_bytes:(\d+)$"
+    got = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(line_re, "\n".join(lines), re.M)}
+    full = (len(val.tokens) - 1, int(val.bytes[1:].sum()))
+    assert got["diagnostic quantized"] == got["diagnostic quantized_sliding_window"] == full
+    subset = tg.ttt_docs(val, h)
+    assert 0 < len(subset) < len(tg.find_docs(val.tokens))
+    assert got["quantized_ttt_phased"] == (sum(d.length - 1 for d in subset),
+                                           sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in subset))
+    real_val, real_batch = tg.eval_val, tg.ttt_batch
+    monkeypatch.setattr(tg, "eval_val", lambda m, v, *a: real_val(m, v._replace(tokens=v.tokens[:-64]), *a))
+    with pytest.raises(RuntimeError, match=f"diagnostic quantized scored {full[0] - 64} targets / \\d+ bytes but the "
+                                           f"set holds {full[0]} / {full[1]}: targets were skipped"):
+        tg.evaluate_artifact(tiny_h(ttt_enabled=False), CPU, quiet, val, path, time.perf_counter())
+    monkeypatch.setattr(tg, "eval_val", real_val)
+    calls = []
+    monkeypatch.setattr(tg, "ttt_batch", lambda *a: real_batch(*a) * (len(calls.append(1) or calls) > 1))  # drops #1
+    with pytest.raises(RuntimeError, match="quantized_ttt_phased scored .* targets were skipped or scored twice"):
+        tg.evaluate_artifact(tiny_h(**over), CPU, quiet, val, path, time.perf_counter())
 
 
 # ----------------------------------------------------------------------------- 1. score before update
@@ -556,7 +633,7 @@ def _ttt_rank_worker(rank, world, port, out_dir, over, val):
     try:
         h = tiny_h(**over, rank=rank, world_size=world, distributed=True, is_main_process=rank == 0)
         res, scores, _ = ttt_scores(tiny_model(h), val, h)
-        torch.save({"res": res, "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"res": tuple(res), "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -628,6 +705,27 @@ def test_e2e_full_run_logs(full_run):
     assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
 
 
+def counts(out, name):
+    tail = r" val_loss:\S+ val_bpb:\S+ eval_time:\d+ms val_tokens:(\d+) val_bytes:(\d+)$"
+    m = re.search(rf"^{re.escape(name)}{tail}", out, re.M)
+    assert m, f"no '{name}' result with counts in:\n{out[-3000:]}"
+    return int(m[1]), int(m[2])
+
+
+def test_e2e_logs_hardware_and_the_counts_every_evaluation_scored(full_run, prepared_data):
+    """Record tooling reads `hardware: NAME xWORLD` and `val_tokens:N val_bytes:M val_docs:D`; every result line
+    repeats the targets and bytes it scored (TTT: the VAL_DOC_FRACTION=0.5 documents' totals)."""
+    _, out = full_run
+    assert re.search(r"^hardware: cpu x1$", out, re.M)
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), eval_seq_len=256,
+               val_doc_fraction=0.5)
+    val = tg.load_val(h, spm.SentencePieceProcessor(model_file=h.tokenizer_path))
+    full = tg.val_totals(val)
+    assert re.search(rf"^val_tokens:{full[0]} val_bytes:{full[1]} val_docs:{len(tg.find_docs(val.tokens))}$", out, re.M)
+    assert counts(out, "diagnostic pre-quantization post-ema") == counts(out, "diagnostic quantized") == full
+    assert counts(out, "quantized_ttt_phased") == tg.val_totals(val, tg.ttt_docs(val, h)) != full
+
+
 def test_e2e_resume_from_requantizes_without_training(full_run, prepared_data, tmp_path):
     """RESUME_FROM=final_model.pt skips training and re-quantizes the same weights with other settings.
     (Runs before the EVAL_ONLY test below, which deletes final_model.pt.)"""
@@ -660,7 +758,7 @@ def test_e2e_two_ranks_eval_only_agrees(full_run, prepared_data, tmp_path):
     r = run_trainer(prepared_data, tmp_path, nproc=2, EVAL_ONLY=1, ARTIFACT=str(art / "final_model.int6.ptz"),
                     ARTIFACT_DIR=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "world_size:2" in r.stdout
+    assert "world_size:2" in r.stdout and re.search(r"^hardware: cpu x2$", r.stdout, re.M)
     one, two = map(float, metric(out, "quantized_ttt_phased")), map(float, metric(r.stdout, "quantized_ttt_phased"))
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-6

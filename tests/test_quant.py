@@ -267,18 +267,64 @@ def test_pack_compressors_are_self_describing():
     payload = {"w": {"x": torch.arange(100, dtype=torch.int8)}, "m": {"x": "passthrough (float16)"}}
     blobs = [tg.pack_artifact(payload, c) for c in ("lzma", "brotli")]
     assert blobs[0][:1] != blobs[1][:1]
-    assert lzma.decompress(blobs[0][1:]).startswith(b"BSHF\x02")
+    assert lzma.decompress(blobs[0][5:]).startswith(b"BSHF\x02")  # after the compressor byte and the CRC32
     with pytest.raises(ValueError, match="zstd"):
         tg.pack_artifact(payload, "zstd")
 
 
+FIX = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
+
+
 @pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_unpack_rejects_corrupt_or_unknown(compressor):
+def test_artifact_single_bit_flips_are_all_rejected(compressor):
+    """Any one flipped bit (compressor byte, checksum or body) is a one-line DataError, never a silent decode
+    (without the checksum most flips decoded to slightly different weights); the intact artifact round-trips."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(0)).half()
+    payload = {"w": {"x": x}, "m": {"x": "passthrough (float16)"}}
+    blob = tg.pack_artifact(payload, compressor)
+    assert torch.equal(tg.unpack_artifact(blob, "a.ptz")["w"]["x"], payload["w"]["x"])
+    rng = torch.Generator().manual_seed(1)
+    bits = [0, 7, 8, 39, 40] + torch.randint(0, 8 * len(blob), (200,), generator=rng).tolist()
+    for bit in bits:
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << bit % 8
+        with pytest.raises(tg.DataError) as e:
+            tg.unpack_artifact(bytes(bad), "a.ptz")
+        msg = str(e.value)
+        assert msg.startswith("a.ptz: ") and FIX in msg and "\n" not in msg, (bit, msg)
+        if bit >= 8:
+            assert "checksum mismatch: the artifact is corrupt or truncated" in msg, (bit, msg)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_unpack_bad_files_one_line_errors(compressor):
     blob = tg.pack_artifact({"w": {"x": torch.randn(300)}, "m": {}}, compressor)
-    with pytest.raises(ValueError, match="corrupt"):
-        tg.unpack_artifact(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="unknown"):
-        tg.unpack_artifact(b"Z" + blob[1:])
+    cases = {blob[: len(blob) // 2]: "checksum mismatch", blob + b"\0": "checksum mismatch",
+             blob[:3]: "3 bytes, not a model artifact (empty or truncated)", b"": "0 bytes, not a model artifact",
+             b"Z" + blob[1:]: "not a model artifact (first byte b'Z'",
+             # a body its checksum vouches for that still does not decode: written corrupt (or by another version)
+             tg.seal(blob[:1], b"\x00garbage that no decoder accepts" * 3): "corrupt model artifact"}
+    for bad, want in cases.items():
+        with pytest.raises(tg.DataError) as e:
+            tg.unpack_artifact(bad, "/runs/x.ptz")
+        msg = str(e.value)
+        assert msg.startswith("/runs/x.ptz: ") and want in msg and FIX in msg and "\n" not in msg, msg
+
+
+def test_artifact_of_another_model_config_is_a_data_error(tmp_path):
+    """EVAL_ONLY with other model settings than the training run: one line naming the file, not a traceback."""
+    from conftest import make_h
+    small = make_h(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=0, loop_end=1, xsa_last_n=2,
+                   parallel_start_layer=2, vocab_size=64, compile=False)
+    sd = tg.build_model(small, torch.device("cpu")).unbanked_state_dict()
+    payload = {"w": {k: v.half() for k, v in sd.items()}, "m": {k: "passthrough (float16)" for k in sd}}
+    path = tmp_path / "final_model.int6.ptz"
+    path.write_bytes(tg.pack_artifact(payload, "lzma"))
+    assert tg.load_artifact_model(small, torch.device("cpu"), str(path)).tok_emb.weight.shape == (64, 64)
+    same = {k: getattr(small, k) for k in ("model_dim", "num_heads", "num_kv_heads", "vocab_size", "compile")}
+    bigger = make_h(**same, num_layers=3, loop_start=0, loop_end=1, xsa_last_n=2, parallel_start_layer=2)
+    with pytest.raises(tg.DataError, match=f"{path} does not fit this model .*set the model settings"):
+        tg.load_artifact_model(bigger, torch.device("cpu"), str(path))
 
 
 def test_size_lines_report_bytes_on_disk(tmp_path):

@@ -32,9 +32,11 @@ def test_smoke_script_end_to_end(tmp_path):
     pos = [out.find(k) for k in keys]
     assert -1 not in pos and pos == sorted(pos), f"missing or misordered lines: {dict(zip(keys, pos))}"
     lines = out.splitlines()
-    m = re.fullmatch(r"quantized_ttt_phased val_loss:(\S+) val_bpb:(\S+) eval_time:\d+ms", lines[-2])
+    m = re.fullmatch(r"quantized_ttt_phased val_loss:(\S+) val_bpb:(\S+) eval_time:\d+ms val_tokens:(\d+) val_bytes:(\d+)", lines[-2])
     assert m, lines[-3:]
     loss, bpb = float(m[1]), float(m[2])
+    start = re.search(r"^val_tokens:(\d+) val_bytes:(\d+) val_docs:8$", out, re.M)
+    assert start and (m[3], m[4]) == (start[1], start[2]), "TTT must score every val target and byte exactly once"
     assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
     assert re.fullmatch(r"smoke \[\d+s\] OK in \d+s(; work dir .*)?", lines[-1]), lines[-1]
     assert (tmp_path / "smoke" / "run" / "final_model.int6.ptz").is_file()

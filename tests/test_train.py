@@ -352,12 +352,12 @@ def test_train_loader_wraps_and_refuses_tiny_shards(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     a, b = train_shards(tmp_path)
-    h = make_h(data_path=str(tmp_path), train_batch_tokens=127, grad_accum_override=1, train_seq_len=16)
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=127, grad_accum_override=1, train_seq_len=127)
     loader = tg.TrainLoader(h, torch.device("cpu"))
     firsts = [loader.next_batch()[0][:2].tolist() for _ in range(4)]
     # row 128: shard 0 gives spans at 7, 135 (263 does not fit), shard 1 one at 3, then back to shard 0 at 7
     assert firsts == [a[7:9].tolist(), a[135:137].tolist(), b[3:5].tolist(), a[7:9].tolist()]
-    h = make_h(data_path=str(tmp_path), train_batch_tokens=400, grad_accum_override=1)
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=400, grad_accum_override=1, train_seq_len=16)
     with pytest.raises(tg.DataError, match="no training shard holds 401 tokens"):
         tg.TrainLoader(h, torch.device("cpu"))
 

@@ -70,7 +70,7 @@ set +e
 (cd "$ARTIFACT_DIR" && "${CMD[@]}") > "$WORK/train.log" 2>&1
 RC=$?
 set -e
-grep -E "^(attn_backend|world_size|val_bpb:|model_params|[0-9]+/[0-9]+ train_loss|diagnostic |Serialized model quantized|Total submission size|ttt_phased:|total_eval_time)" "$WORK/train.log" || true
+grep -E "^(attn_backend|hardware|world_size|val_bpb:|val_tokens:|model_params|[0-9]+/[0-9]+ train_loss|diagnostic |Serialized model quantized|Total submission size|ttt_phased:|total_eval_time)" "$WORK/train.log" || true
 FINAL=$(grep -E "^quantized_ttt_phased val_loss:[0-9.]+ val_bpb:[0-9.]+" "$WORK/train.log" | tail -n 1 || true)
 if [ "$RC" -ne 0 ] || [ -z "$FINAL" ]; then
     tail -n 40 "$WORK/train.log"
