@@ -4,7 +4,8 @@ Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every setting i
 """
 import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -24,177 +25,233 @@ class ConfigError(DataError):
     pass
 
 
+def knob(default, doc):
+    """A config field, read from the env var named as the field in capitals; `doc` says what it does."""
+    return field(default=default, metadata=dict(doc=doc))
+
+
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-_ENV_ERRORS = []  # bad values met while the Hyperparameters class body runs (at import); raised by its __init__
+# Env names of the record scripts that this one does not read: set, they would silently change nothing.
+RECORD_ENV_NOT_READ = {
+    "PHASED_TTT_ENABLED": "phased TTT is the only TTT here (TTT_ENABLED gates it)",
+    "GLOBAL_TTT_BATCH_SEQS": "global SGD runs each chunk as one packed row per rank",
+    "GLOBAL_TTT_WARMUP_START_LR": "global SGD has no warm-up (the records' runs used none)",
+    "GLOBAL_TTT_WARMUP_CHUNKS": "global SGD has no warm-up (the records' runs used none)",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "global SGD always respects document boundaries",
+    "TTT_OPTIMIZER": "TTT uses AdamW", "TIE_EMBEDDINGS": "embeddings are always tied",
+    "SKIP_GATES_ENABLED": "skip gates are always on", "ROPE_YARN": "no YaRN", "ROPE_TRAIN_SEQ_LEN": "no YaRN",
+    "ATTN_OUT_GATE_ENABLED": "not implemented (unused by the records' runs)",
+    "TRAIN_LOOP_DEPTH_DIST": "random-depth training is not implemented (the records' runs used fixed)",
+    "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)", "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)",
+    "LQER_ENABLED": "not implemented yet (PR #1855)", "FUSED_CE_ENABLED": "not implemented yet (PR #1855)",
+}
 
 
-def env_value(name, default):
-    """Env var `name` parsed as its default's type; empty or unset gives the default."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def parse_env(name, raw, default):
+    """`raw` (an env string) as the type of `default`; tuples are comma-separated lists of their items' type."""
     kind = type(default)
     try:
         if kind is bool:
             return BOOLS[raw.strip().lower()]
-        return raw if default is None or kind is str else kind(raw)
+        if kind is tuple:
+            item = type(default[0]) if default else float
+            return tuple(item(t) for t in raw.replace(" ", "").split(",") if t)
+        return raw if kind is str else kind(raw)
     except (KeyError, ValueError):
-        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number"}[kind]
+        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number",
+                tuple: "a comma-separated list of numbers"}[kind]
         raise ConfigError(f"{name}={raw!r} is not {what}; fix or unset {name} (default {default})") from None
 
 
-def _env(name, default):
-    try:
-        return env_value(name, default)
-    except ConfigError as e:  # an import must not fail on a bad env: Hyperparameters() reports it
-        _ENV_ERRORS.append(str(e))
-        return default
-
-
-def _ints(text):
-    return [int(t) for t in text.replace(" ", "").split(",") if t]
-
-
-def _floats(text):
-    return [float(t) for t in text.replace(" ", "").split(",") if t]
-
-
+@dataclass(frozen=True)
 class Hyperparameters:
-    """Env-var config. Names and defaults follow the CaseOps records (PR #1736 + #1756 run settings)."""
+    """Every setting, read once from env vars by from_env() (name = field name in capitals unless given).
+    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729)."""
 
     # paths and run control
-    data_dir = _env("DATA_DIR", "./data/")
-    data_path = _env("DATA_PATH", "")
-    tokenizer_path = _env("TOKENIZER_PATH", "")
-    caseops_enabled = _env("CASEOPS_ENABLED", True)
-    artifact_dir = _env("ARTIFACT_DIR", "")
-    run_id = _env("RUN_ID", "") or uuid.uuid4().hex[:12]
-    seed = _env("SEED", 1337)
-    iterations = _env("ITERATIONS", 20000)
-    max_wallclock_seconds = _env("MAX_WALLCLOCK_SECONDS", 600.0)
-    gptq_reserve_seconds = _env("GPTQ_RESERVE_SECONDS", 4.0)
-    train_log_every = _env("TRAIN_LOG_EVERY", 500)
-    val_loss_every = _env("VAL_LOSS_EVERY", 4000)
-    compile = _env("COMPILE", torch.cuda.is_available())
-    ttt_compile = _env("TTT_COMPILE", torch.cuda.is_available())
-    eval_only = _env("EVAL_ONLY", False)
-    artifact = _env("ARTIFACT", "")
-    resume_from = _env("RESUME_FROM", "")
-    prequant_ttt_enabled = _env("PREQUANT_TTT_ENABLED", False)
-    dist_timeout_seconds = _env("DIST_TIMEOUT_SECONDS", 600)
-    # model
-    vocab_size = _env("VOCAB_SIZE", 8192)
-    num_layers = _env("NUM_LAYERS", 11)
-    model_dim = _env("MODEL_DIM", 512)
-    num_heads = _env("NUM_HEADS", 8)
-    num_kv_heads = _env("NUM_KV_HEADS", 4)
-    mlp_mult = _env("MLP_MULT", 4.0)
-    tied_embed_init_std = _env("TIED_EMBED_INIT_STD", 0.005)
-    logit_softcap = _env("LOGIT_SOFTCAP", 30.0)
-    rope_base = _env("ROPE_BASE", 10000.0)
-    rope_dims = _env("ROPE_DIMS", 16)
-    ln_scale = _env("LN_SCALE", True)
-    qk_gain_init = _env("QK_GAIN_INIT", 5.0)
-    xsa_last_n = _env("XSA_LAST_N", 11)
-    num_loops = _env("NUM_LOOPS", 2)
-    loop_start = _env("LOOP_START", 3)
-    loop_end = _env("LOOP_END", 5)
-    enable_looping_at = _env("ENABLE_LOOPING_AT", 0.35)
-    parallel_start_layer = _env("PARALLEL_START_LAYER", 8)
-    parallel_final_lane = _env("PARALLEL_FINAL_LANE", "mean")
-    gated_attn_enabled = _env("GATED_ATTN_ENABLED", True)
-    gated_attn_init_std = _env("GATED_ATTN_INIT_STD", 0.005)
-    gated_attn_quant_gate = _env("GATED_ATTN_QUANT_GATE", True)
-    train_loop_phase_depths = os.environ.get("TRAIN_LOOP_PHASE_DEPTHS", "1,3,4")  # set empty: looping at ENABLE_LOOPING_AT
-    train_loop_phase_fractions = _env("TRAIN_LOOP_PHASE_FRACTIONS", "")
-    train_loop_prewarm_depths = os.environ.get("TRAIN_LOOP_PREWARM_DEPTHS", "3,4")  # empty is a valid value
-    eval_loop_depth = _env("EVAL_LOOP_DEPTH", 4)
+    data_dir: str = knob("./data/", "root with datasets/ and tokenizers/ (prepare_caseops_data.py --out)")
+    data_path: str = knob("", "dataset dir; default: our layout under DATA_DIR, then the records' hub layout")
+    tokenizer_path: str = knob("", "SentencePiece model; default: the dataset's tokenizer under DATA_DIR")
+    caseops_enabled: bool = knob(True, "CaseOps data with byte sidecars; 0: plain SentencePiece data")
+    artifact_dir: str = knob("", "where logs/, final_model.pt and final_model.int6.ptz go (default: cwd)")
+    run_id: str = knob("", "log name logs/<RUN_ID>.txt (default: random)")
+    seed: int = knob(1337, "python/numpy/torch seeds, TTT adapter init")
+    iterations: int = knob(20000, "step budget; the schedules run on it when MAX_WALLCLOCK_SECONDS=0")
+    max_wallclock_seconds: float = knob(600.0, "training time cap, schedules run on its fraction (0: steps)")
+    gptq_reserve_seconds: float = knob(4.0, "cut from the cap for GPTQ calibration, which reads training data")
+    train_log_every: int = knob(500, "train_loss line period (steps 1-5 always)")
+    val_loss_every: int = knob(4000, "in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none")
+    compile: bool = knob(torch.cuda.is_available(), "torch.compile the block functions (fixed shapes)")
+    ttt_compile: bool = knob(torch.cuda.is_available(), "compile TTT's block functions (symbolic rows/width)")
+    attn_backend: str = knob("", "attention kernel: fa3, flex, varlen or sdpa (default: fa3 if importable, else "
+                                 "flex on CUDA, sdpa on CPU)")
+    eval_only: bool = knob(False, "only score ARTIFACT (no training)")
+    artifact: str = knob("", "artifact scored by EVAL_ONLY (default: ARTIFACT_DIR's final_model.int6.ptz)")
+    resume_from: str = knob("", "final_model.pt to quantize and score instead of training")
+    prequant_ttt_enabled: bool = knob(False, "refused: PR #1911's pre-quant TTT trains on unscored val tokens")
+    dist_timeout_seconds: int = knob(600, "collective timeout: a failed rank ends the run instead of hanging")
+    rank: int = knob(0, "set by torchrun")
+    world_size: int = knob(1, "set by torchrun")
+    local_rank: int = knob(0, "set by torchrun")
+    # model (PR #1729: 11x512, loop, parallel lanes; #1736: gated attention; #1756: depth curriculum)
+    vocab_size: int = knob(8192, "must equal the tokenizer's piece count")
+    num_layers: int = knob(11, "physical layers")
+    model_dim: int = knob(512, "residual width")
+    num_heads: int = knob(8, "query heads")
+    num_kv_heads: int = knob(4, "key/value heads (GQA)")
+    mlp_mult: float = knob(4.0, "MLP hidden = MLP_MULT x MODEL_DIM")
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding / head")
+    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c)")
+    rope_base: float = knob(10000.0, "RoPE base")
+    rope_dims: int = knob(16, "rotated dims per head (partial RoPE)")
+    ln_scale: bool = knob(True, "block i's norms scaled by 1/sqrt(i+1)")
+    qk_gain_init: float = knob(5.0, "init of the per-head query gain after QK RMS norm")
+    xsa_last_n: int = knob(11, "the last N layers remove each head's own-value component (XSA)")
+    num_loops: int = knob(2, "extra passes of layers LOOP_START..LOOP_END: sizes the skips (depth NUM_LOOPS+1) "
+                             "and is the depth of PR #1736's switch (TRAIN_LOOP_PHASE_DEPTHS empty)")
+    loop_start: int = knob(3, "first looped layer")
+    loop_end: int = knob(5, "last looped layer")
+    enable_looping_at: float = knob(0.35, "PR #1736's switch to depth NUM_LOOPS+1 (TRAIN_LOOP_PHASE_DEPTHS empty)")
+    train_loop_phase_depths: tuple = knob((1, 3, 4), "PR #1756's depth curriculum; empty: PR #1736's switch")
+    train_loop_phase_fractions: tuple = knob((), "shares of the run per curriculum phase (empty: equal)")
+    train_loop_prewarm_depths: tuple = knob((3, 4), "depths compiled in the warm-up besides 1 and the curriculum")
+    eval_loop_depth: int = knob(4, "depth of every evaluation, GPTQ calibration and TTT")
+    parallel_start_layer: int = knob(8, "layers from here on run attention and MLP as parallel lanes")
+    parallel_final_lane: str = knob("mean", "final hidden: mean of the lanes, or attn / mlp lane")
+    gated_attn_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1736)")
+    gated_attn_init_std: float = knob(0.005, "gate weight init std")
+    gated_attn_quant_gate: bool = knob(True, "gate weights int8 per row instead of fp16")
     # optimisation and data
-    train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786432)
-    train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
-    grad_accum_override = _env("GRAD_ACCUM_STEPS", 0)
-    warmup_steps = _env("WARMUP_STEPS", 20)
-    warmdown_frac = _env("WARMDOWN_FRAC", 0.75)
-    min_lr = _env("MIN_LR", 0.0)
-    matrix_lr = _env("MATRIX_LR", 0.026)
-    scalar_lr = _env("SCALAR_LR", 0.02)
-    tied_embed_lr = _env("TIED_EMBED_LR", 0.03)
-    muon_momentum = _env("MUON_MOMENTUM", 0.97)
-    muon_momentum_warmup_start = _env("MUON_MOMENTUM_WARMUP_START", 0.92)
-    muon_momentum_warmup_steps = _env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
-    muon_backend_steps = _env("MUON_BACKEND_STEPS", 5)
-    muon_row_normalize = _env("MUON_ROW_NORMALIZE", True)
-    muon_wd = _env("MUON_WD", 0.095)
-    wd_taper_start_frac = _env("WD_TAPER_START_FRAC", 0.70)
-    wd_taper_final_mult = _env("WD_TAPER_FINAL_MULT", 0.50)
-    embed_wd = _env("EMBED_WD", 0.085)
-    adam_wd = _env("ADAM_WD", 0.02)
-    beta1 = _env("BETA1", 0.9)
-    beta2 = _env("BETA2", 0.95)
-    adam_eps = _env("ADAM_EPS", 1e-8)
-    grad_clip_norm = _env("GRAD_CLIP_NORM", 0.3)
-    ema_decay = _env("EMA_DECAY", 0.9965)
+    train_batch_tokens: int = knob(786432, "global tokens per step; a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN")
+    train_seq_len: int = knob(2048, "longest attention segment in training (documents are packed)")
+    grad_accum_steps: int = knob(0, "micro-steps per step (0: 8 / WORLD_SIZE)")
+    warmup_steps: int = knob(20, "compile warm-up steps before the timer; their updates are undone")
+    warmdown_frac: float = knob(0.75, "LR decays linearly to MIN_LR over this last fraction")
+    min_lr: float = knob(0.0, "LR floor of the warmdown, as a fraction of each LR")
+    matrix_lr: float = knob(0.026, "Muon LR (banked matrices)")
+    scalar_lr: float = knob(0.02, "AdamW LR of scales, gates and lambdas")
+    tied_embed_lr: float = knob(0.03, "AdamW LR of the tied embedding")
+    muon_momentum: float = knob(0.97, "Muon momentum after its warm-up")
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = knob(1500, "steps of the linear momentum warm-up")
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_row_normalize: bool = knob(True, "normalise update rows before Newton-Schulz")
+    muon_wd: float = knob(0.095, "decoupled weight decay of the matrices")
+    wd_taper_start_frac: float = knob(0.70, "Muon WD taper starts here (PR #1729)")
+    wd_taper_final_mult: float = knob(0.50, "Muon WD multiplier at the end; 1: no taper (PR #1736/#1756)")
+    embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
+    adam_wd: float = knob(0.02, "AdamW weight decay of the scalars")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    adam_eps: float = knob(1e-8, "AdamW eps")
+    grad_clip_norm: float = knob(0.3, "global grad-norm clip (each rank's local gradients, as the records)")
+    ema_decay: float = knob(0.9965, "EMA of the weights, applied after training")
     # quantisation and packaging
-    matrix_bits = _env("MATRIX_BITS", 6)
-    embed_bits = _env("EMBED_BITS", 7)
-    matrix_clip_sigmas = _env("MATRIX_CLIP_SIGMAS", 12.85)
-    attn_clip_sigmas = _env("ATTN_CLIP_SIGMAS", 13.0)
-    mlp_clip_sigmas = _env("MLP_CLIP_SIGMAS", 12.0)
-    embed_clip_sigmas = _env("EMBED_CLIP_SIGMAS", 15.0)
-    gptq_calibration_batches = _env("GPTQ_CALIBRATION_BATCHES", 16)
-    gptq_calibration_seqs = _env("GPTQ_CALIBRATION_SEQS", 48)
-    compressor = _env("COMPRESSOR", "brotli")
-    # evaluation and TTT
-    eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
-    val_batch_tokens = _env("VAL_BATCH_TOKENS", 524288)
-    eval_stride = _env("EVAL_STRIDE", 64)
-    sliding_window_enabled = _env("SLIDING_WINDOW_ENABLED", False)
-    ttt_enabled = _env("TTT_ENABLED", True)
-    phased_ttt_prefix_docs = _env("PHASED_TTT_PREFIX_DOCS", 2000)
-    phased_ttt_num_phases = _env("PHASED_TTT_NUM_PHASES", 3)
-    ttt_lora_rank = _env("TTT_LORA_RANK", 96)
-    ttt_lora_lr = _env("TTT_LORA_LR", 1e-4)
-    ttt_chunk_size = _env("TTT_CHUNK_SIZE", 48)
-    ttt_eval_seq_len = _env("TTT_EVAL_SEQ_LEN", 2048)
-    ttt_batch_size = _env("TTT_BATCH_SIZE", 64)
-    ttt_grad_steps = _env("TTT_GRAD_STEPS", 1)
-    ttt_weight_decay = _env("TTT_WEIGHT_DECAY", 0.5)
-    ttt_beta1 = _env("TTT_BETA1", 0.0)
-    ttt_beta2 = _env("TTT_BETA2", 0.999)
-    ttt_k_lora = _env("TTT_K_LORA", True)
-    ttt_mlp_lora = _env("TTT_MLP_LORA", True)
-    ttt_o_lora = _env("TTT_O_LORA", True)
-    val_doc_fraction = _env("VAL_DOC_FRACTION", 1.0)
-    global_ttt_lr = _env("GLOBAL_TTT_LR", 0.001)
-    global_ttt_momentum = _env("GLOBAL_TTT_MOMENTUM", 0.9)
-    global_ttt_epochs = _env("GLOBAL_TTT_EPOCHS", 1)
-    global_ttt_chunk_tokens = _env("GLOBAL_TTT_CHUNK_TOKENS", 32768)
-    global_ttt_grad_clip = _env("GLOBAL_TTT_GRAD_CLIP", 1.0)
+    matrix_bits: int = knob(6, "GPTQ bits of the block matrices")
+    embed_bits: int = knob(7, "GPTQ bits of the tied embedding")
+    matrix_clip_sigmas: float = knob(12.85, "row clip in std units, matrices outside attn/mlp")
+    attn_clip_sigmas: float = knob(13.0, "row clip in std units, attention matrices")
+    mlp_clip_sigmas: float = knob(12.0, "row clip in std units, MLP matrices")
+    embed_clip_sigmas: float = knob(15.0, "row clip in std units, embedding")
+    gptq_calibration_batches: int = knob(16, "calibration batches (of training data), shared by the ranks")
+    gptq_calibration_seqs: int = knob(48, "sequences per calibration batch")
+    compressor: str = knob("brotli", "artifact compressor: brotli or lzma")
+    # evaluation and TTT (PR #1626's phased score-first TTT)
+    eval_seq_len: int = knob(2048, "scoring window of the plain and sliding evaluations")
+    val_batch_tokens: int = knob(524288, "tokens per plain-evaluation batch, all ranks together")
+    eval_stride: int = knob(64, "sliding evaluation: new targets per window")
+    sliding_window_enabled: bool = knob(False, "add a sliding-window diagnostic before TTT")
+    ttt_enabled: bool = knob(True, "phased TTT evaluation (the reported score)")
+    phased_ttt_prefix_docs: int = knob(2000, "documents whose scores feed the global-SGD phases")
+    phased_ttt_num_phases: int = knob(3, "global-SGD phases over the prefix documents")
+    ttt_lora_rank: int = knob(96, "per-document LoRA rank")
+    ttt_lora_lr: float = knob(1e-4, "LoRA AdamW LR")
+    ttt_chunk_size: int = knob(48, "tokens scored per chunk, then trained on")
+    ttt_eval_seq_len: int = knob(2048, "TTT scoring window")
+    ttt_batch_size: int = knob(64, "documents per TTT batch")
+    ttt_grad_steps: int = knob(1, "LoRA steps per chunk")
+    ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay")
+    ttt_beta1: float = knob(0.0, "LoRA AdamW beta1")
+    ttt_beta2: float = knob(0.999, "LoRA AdamW beta2")
+    ttt_k_lora: bool = knob(True, "LoRA on K")
+    ttt_mlp_lora: bool = knob(True, "LoRA beside the MLP")
+    ttt_o_lora: bool = knob(True, "LoRA beside the attention output")
+    val_doc_fraction: float = knob(1.0, "score a random subset of the val docs (quick checks only)")
+    global_ttt_lr: float = knob(0.001, "global-SGD peak LR (cosine over the phase's chunks)")
+    global_ttt_momentum: float = knob(0.9, "global-SGD momentum")
+    global_ttt_epochs: int = knob(1, "global-SGD epochs per phase")
+    global_ttt_chunk_tokens: int = knob(32768, "global-SGD tokens per step")
+    global_ttt_grad_clip: float = knob(1.0, "global-SGD grad-norm clip")
 
-    def __init__(self):
-        if _ENV_ERRORS:
-            raise ConfigError("; ".join(_ENV_ERRORS))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.distributed = self.world_size > 1
-        self.is_main_process = self.rank == 0
-        self.grad_accum_steps = self.grad_accum_override or max(1, 8 // self.world_size)
-        self.micro_batch_tokens = self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
+    def __post_init__(self):
+        """Derived values, computed once (the dataclass is frozen: nothing changes after this)."""
+        accum = self.grad_accum_steps or max(1, 8 // self.world_size)
+        out, run_id = self.artifact_dir or ".", self.run_id or uuid.uuid4().hex[:12]
+        datasets_dir, tokenizer = resolve_data_paths(self)
+        for k, v in dict(run_id=run_id, grad_accum_steps=accum, distributed=self.world_size > 1,
+                         is_main_process=self.rank == 0, tokenizer_path=tokenizer, datasets_dir=datasets_dir,
+                         micro_batch_tokens=self.train_batch_tokens // (self.world_size * accum),
+                         logfile=os.path.join(out, "logs", f"{run_id}.txt"),
+                         model_path=os.path.join(out, "final_model.pt"),
+                         quantized_model_path=os.path.join(out, "final_model.int6.ptz"),
+                         train_files=os.path.join(datasets_dir, "fineweb_train_*.bin"),
+                         val_files=os.path.join(datasets_dir, "fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin"),
+                         val_bytes_files=os.path.join(datasets_dir, "fineweb_val_bytes_*.bin"),
+                         depth_schedule=depth_schedule(self), attn_backend=attention_backend(self.attn_backend)).items():
+            object.__setattr__(self, k, v)
         check_config(self)
-        out = self.artifact_dir or "."
-        self.logfile = os.path.join(out, "logs", f"{self.run_id}.txt")
-        self.model_path = os.path.join(out, "final_model.pt")
-        self.quantized_model_path = os.path.join(out, "final_model.int6.ptz")
-        self.datasets_dir, self.tokenizer_path = resolve_data_paths(self)
-        self.train_files = os.path.join(self.datasets_dir, "fineweb_train_*.bin")
-        self.val_files = os.path.join(self.datasets_dir, "fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin")
-        self.val_bytes_files = os.path.join(self.datasets_dir, "fineweb_val_bytes_*.bin")
-        self.train_depths = _ints(self.train_loop_phase_depths)
-        self.loop_depth_on = self.num_loops + 1
+
+    distributed: bool = field(init=False)
+    is_main_process: bool = field(init=False)
+    micro_batch_tokens: int = field(init=False)
+    datasets_dir: str = field(init=False)
+    logfile: str = field(init=False)
+    model_path: str = field(init=False)
+    quantized_model_path: str = field(init=False)
+    train_files: str = field(init=False)
+    val_files: str = field(init=False)
+    val_bytes_files: str = field(init=False)
+    depth_schedule: tuple = field(init=False)  # ((start fraction, depth), ...): the whole depth curriculum
+
+    @classmethod
+    def from_env(cls, **overrides):
+        """Every field from its env var, parsed by the field's type (booleans strict, lists once; unset or empty:
+        the default, except that an empty list is a value); `overrides` (tools, tests) win over the env."""
+        values, errors = {}, []
+        for f in fields(cls):
+            raw = os.environ.get(f.name.upper()) if f.init else None
+            if raw is None or (raw == "" and not isinstance(f.default, tuple)):
+                continue
+            try:
+                values[f.name] = parse_env(f.name.upper(), raw, f.default)
+            except ConfigError as e:
+                errors.append(str(e))
+        if errors:
+            raise ConfigError("; ".join(errors))
+        return cls(**{**values, **overrides})
 
     def public(self):
-        return {k: getattr(self, k) for k in sorted(dir(self)) if not k.startswith("_") and not callable(getattr(self, k))}
+        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.name)}
+
+
+def record_env_warnings():
+    """Record-script env vars that are set but mean nothing here: a record's command line would silently differ."""
+    return [f"warning: {k} is set but not read: {why}" for k, why in RECORD_ENV_NOT_READ.items() if k in os.environ]
+
+
+def depth_schedule(h):
+    """The recurrence-depth curriculum as one table of (start fraction of training, depth): PR #1756's phases
+    (TRAIN_LOOP_PHASE_DEPTHS, equal shares unless TRAIN_LOOP_PHASE_FRACTIONS) or, with no phases, PR #1736's
+    switch from depth 1 to NUM_LOOPS+1 at ENABLE_LOOPING_AT."""
+    depths = h.train_loop_phase_depths
+    if not depths:
+        return (0.0, 1), (h.enable_looping_at, h.num_loops + 1)
+    shares = h.train_loop_phase_fractions or (1.0,) * len(depths)
+    if len(shares) != len(depths):
+        raise ConfigError(f"TRAIN_LOOP_PHASE_FRACTIONS has {len(shares)} entries for {len(depths)} "
+                          "TRAIN_LOOP_PHASE_DEPTHS; give one share per phase or none")
+    starts = np.concatenate([[0.0], np.cumsum(shares)[:-1] / sum(shares)])
+    return tuple(zip(starts.tolist(), depths))
 
 
 def check_config(h):
@@ -213,13 +270,6 @@ def check_config(h):
                             ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
         if value not in ok:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
-    for name, parse in (("TRAIN_LOOP_PHASE_DEPTHS", _ints), ("TRAIN_LOOP_PREWARM_DEPTHS", _ints),
-                        ("TRAIN_LOOP_PHASE_FRACTIONS", _floats)):
-        try:
-            parse(getattr(h, name.lower()))
-        except ValueError:
-            what = "integers" if parse is _ints else "numbers"
-            raise ConfigError(f"{name}={getattr(h, name.lower())!r} is not a comma-separated list of {what}") from None
     check_windows(h, h.sliding_window_enabled, h.ttt_enabled)
 
 
@@ -441,9 +491,6 @@ _FA3, _VARLEN = _fast_attention_kernels()
 if _VARLEN is not None:
     _VARLEN_PARAMS = inspect.signature(_VARLEN).parameters
     _VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
-# Packed rows without FA3: flex_attention with a document block mask (FLEX_ATTENTION=0 -> varlen_attn).
-USE_FLEX = _FA3 is None and torch.cuda.is_available() and os.environ.get("FLEX_ATTENTION", "1") != "0"
-ATTN_BACKEND = "fa3" if _FA3 else "flex" if USE_FLEX else "varlen_attn" if _VARLEN else "sdpa"
 FLEX_BLOCK = 128
 _flex = torch.compile(flex_attention, dynamic=False)  # eager flex would materialise [T, T] scores
 _FLEX_SEGMENTS = {}  # row length -> (segment-id buffer, mask_mod): one mask_mod object per length, so graphs stay valid
@@ -472,22 +519,41 @@ def packed_block_mask(cu, n):
     return BlockMask.from_kv_blocks(*kv_lists(partial), *kv_lists(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n))
 
 
+def attention_backend(asked):
+    """The attention kernel for packed rows, chosen once by the config: FA3 when importable, else flex_attention with
+    a document block mask on CUDA, else SDPA (CPU: one call per document). varlen = torch's varlen_attn (FA2)."""
+    default = "fa3" if _FA3 else "flex" if torch.cuda.is_available() else "sdpa"
+    if asked and (asked not in ("fa3", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
+                  or asked == "varlen" and not _VARLEN):
+        raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here (fa3 needs flash_attn_interface, varlen "
+                          f"torch's varlen_attn on CUDA); unset it for {default}")
+    return asked or default
+
+
+class AttnArgs(NamedTuple):
+    """How a forward attends, the same for every layer: RoPE tables, packing and kernel."""
+    rope: tuple  # (cos, sin, rotated dims)
+    mask: object  # None: dense causal rows; packed row: padded cu_seqlens, or a flex BlockMask (backend flex)
+    max_len: int  # bound on any packed segment (varlen kernels)
+    backend: str  # attention_backend()
+
+
 def _repeat_kv(k, groups):
     return k if groups == 1 else k.repeat_interleave(groups, dim=-2)
 
 
-def attend(q, k, v, cu, max_len):
+def attend(q, k, v, cu, max_len, backend="sdpa"):
     """Causal attention. q [B,T,H,D], k/v [B,T,KV,D]. cu given: one packed row (B=1) attending within segments,
     as padded cu_seqlens or as a BlockMask from packed_block_mask."""
     groups = q.size(-2) // k.size(-2)
     if isinstance(cu, BlockMask):
         t = lambda z: z.transpose(1, 2)
         return t(_flex(t(q), t(k), t(v), block_mask=cu, enable_gqa=groups > 1))
-    if _FA3:
+    if backend == "fa3":
         if cu is None:
             return _FA3[0](q, k, v, causal=True)
         return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
-    if _VARLEN and cu is not None:
+    if backend == "varlen" and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
         if "enable_gqa" in _VARLEN_PARAMS:
             kw["enable_gqa"] = True
@@ -548,7 +614,7 @@ def apply_rope(x, cos, sin, dims):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest], dim=-1)
 
 
-def attention(a, w: BlockWeights, rope, cu, max_len, lora, cap):
+def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
     B, T, _ = a.shape
     H, KV = w.q_gain.numel(), w.wk.size(0) // (w.wq.size(0) // w.q_gain.numel())
     D = w.wq.size(0) // H
@@ -557,10 +623,10 @@ def attention(a, w: BlockWeights, rope, cu, max_len, lora, cap):
     q = linear(a, w.wq, lora and lora.q).view(B, T, H, D)
     k = linear(a, w.wk, lora and lora.k).view(B, T, KV, D)
     v = linear(a, w.wv, lora and lora.v).view(B, T, KV, D)
-    cos, sin, dims = rope
+    cos, sin, dims = attn.rope
     q, k = apply_rope(rms(q), cos, sin, dims), apply_rope(rms(k), cos, sin, dims)
     q = q * w.q_gain.to(q.dtype)[:, None]
-    y = attend(q, k, v, cu, max_len)
+    y = attend(q, k, v, attn.mask, attn.max_len, attn.backend)
     if w.xsa:  # remove each head's component along its own token's value direction
         vn = F.normalize(v, dim=-1).unsqueeze(-2)
         y5 = y.view(B, T, KV, H // KV, D)
@@ -582,16 +648,16 @@ def mlp(a, w: BlockWeights, lora, cap):
     return out
 
 
-def sequential_block(x, x0, w: BlockWeights, rope, cu, max_len, lora=None, cap=None):
+def sequential_block(x, x0, w: BlockWeights, attn: AttnArgs, lora=None, cap=None):
     x_in = w.resid_mix[0].to(x.dtype) * x + w.resid_mix[1].to(x.dtype) * x0
-    x_mid = x_in + w.attn_scale.to(x.dtype) * attention(rms(x_in) * w.ln_s, w, rope, cu, max_len, lora, cap)
+    x_mid = x_in + w.attn_scale.to(x.dtype) * attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     return x_mid + w.mlp_scale.to(x.dtype) * mlp(rms(x_mid) * w.ln_s, w, lora, cap)
 
 
-def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, rope, cu, max_len, lora=None, cap=None):
+def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, attn: AttnArgs, lora=None, cap=None):
     """Attention reads lane0, the MLP reads lane1 (before this layer's update); both write both lanes."""
     x_in = w.resid_mix[0].to(x0.dtype) * lane0 + w.resid_mix[1].to(x0.dtype) * x0
-    a = w.attn_scale.to(x0.dtype) * attention(rms(x_in) * w.ln_s, w, rope, cu, max_len, lora, cap)
+    a = w.attn_scale.to(x0.dtype) * attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     m = w.mlp_scale.to(x0.dtype) * mlp(rms(lane1) * w.ln_s, w, lora, cap)
     r, P = r.to(x0.dtype), P.to(x0.dtype)
     return r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
@@ -618,12 +684,53 @@ def layer_plan(h, depth):
 
 
 def loop_depth_at(frac, h):
-    """Recurrence depth for a training fraction: PR #1756's phase curriculum, else on at ENABLE_LOOPING_AT."""
-    if h.train_depths:
-        fr = _floats(h.train_loop_phase_fractions) or [1.0] * len(h.train_depths)
-        bounds = np.cumsum(fr) / sum(fr)
-        return h.train_depths[min(int(np.searchsorted(bounds, frac, side="right")), len(h.train_depths) - 1)]
-    return h.loop_depth_on if frac >= h.enable_looping_at else 1
+    """Recurrence depth at a fraction of training: the last row of the depth schedule that has started."""
+    return [depth for start, depth in h.depth_schedule if frac >= start][-1]
+
+
+def softcap_logits(hid, emb, head_lora, softcap):
+    n = rms(hid)
+    z = F.linear(n, emb.to(n.dtype))
+    if head_lora is not None:
+        z = z + lora_delta(n, head_lora).to(z.dtype)
+    return softcap * torch.tanh(z.float() / softcap)
+
+
+def head_losses(hid, emb, targets, head_lora, softcap):
+    """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries."""
+    z = softcap_logits(hid, emb, head_lora, softcap)
+    return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _named(cap, i):
+    return lambda name, x: cap(f"blocks.{i}.{name}.weight", x)
+
+
+class BlockFns(NamedTuple):
+    """The block functions of one run mode, built once: eager, compiled for fixed shapes (training, evaluation),
+    or compiled with symbolic rows and width (TTT, see ttt_block_fns)."""
+    seq: Callable
+    par: Callable
+    head: Callable
+
+
+EAGER = BlockFns(sequential_block, parallel_block, head_losses)
+
+
+def compiled_block_fns(h):
+    if not h.compile:
+        return EAGER
+    return BlockFns(*(torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER))
+
+
+class Fwd(NamedTuple):
+    """What one forward does, built by its caller (train step, evaluation, calibration, TTT, global SGD) and passed
+    down: the recurrence depth, the block functions, per-document adapters (TTT) and an activation hook (GPTQ)."""
+    depth: int
+    fns: BlockFns = EAGER
+    loras: list = None  # one Lora per virtual layer, [B]-batched
+    head_lora: tuple = None
+    cap: Callable = None  # cap(name, x) sees the input of every quantized matrix
 
 
 class GPT(nn.Module):
@@ -638,7 +745,7 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hid, d))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hid))
         self.blocks = nn.ModuleList(Block(h, h.gated_attn_enabled) for _ in range(L))
-        self.num_skips = min(len(p) for p in layer_plan(h, h.loop_depth_on))
+        self.num_skips = min(len(p) for p in layer_plan(h, h.num_loops + 1))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
@@ -652,10 +759,7 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(self.mlp_up_bank[i])
             self.qo_bank[L:].zero_()
         self.register_buffer("ln_scales", torch.tensor([1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]), persistent=False)
-        self.depth = 1
-        self._rope = {}
-        self.block_fn, self.parallel_fn, self.loss_fn = sequential_block, parallel_block, head_losses
-        self.lora_fns = (sequential_block, parallel_block, head_losses)  # TTT: compile_lora_fns
+        self._rope = {}  # (length, device) -> cos/sin tables
 
     def weights(self, i):
         L, b = self.h.num_layers, self.blocks[i]
@@ -674,66 +778,56 @@ class GPT(nn.Module):
         dt = torch.bfloat16 if torch.is_autocast_enabled() else self.qo_bank.dtype
         return cos.to(dt), sin.to(dt), dims
 
-    def hidden(self, ids, cu=None, loras=None, cap=None):
-        """Final hidden state [B,T,d]. cu: packed-row segments; loras: per-virtual-layer adapters (TTT);
-        cap(name, x): activation hook for GPTQ Hessians."""
-        h = self.h
-        max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
-        T = ids.size(1)
-        if cu is not None and USE_FLEX:  # flex for every packed row (one cu type per compiled graph), padded to whole
-            ids = F.pad(ids, (0, -T % FLEX_BLOCK))  # blocks; the padding is its own segment (cu's padding entries are T)
+    def hidden(self, ids, fwd: Fwd, cu=None):
+        """Final hidden state [B,T,d]. cu: the segments of one packed row (padded cu_seqlens); fwd: depth, block
+        functions, TTT adapters and GPTQ hook."""
+        h, T, fns = self.h, ids.size(1), fwd.fns
+        if cu is not None and h.attn_backend == "flex":  # padded to whole blocks; the padding is its own segment
+            ids = F.pad(ids, (0, -T % FLEX_BLOCK))  # (cu's padding entries are T)
             cu = packed_block_mask(cu, ids.size(1))
-        x0, rope = rms(self.tok_emb(ids)), self.rope(ids.size(1), ids.device)
+        max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
+        attn = AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
+        x0 = rms(self.tok_emb(ids))
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
-        enc, dec = layer_plan(h, self.depth)
-        seq_fn, par_fn = (sequential_block, parallel_block) if cap else self.lora_fns[:2] if loras else (self.block_fn, self.parallel_fn)
-        if loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
+        if fwd.loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
             x.requires_grad_()
-            mark_dynamic((0, 1), x0)
-            mark_dynamic((1,), *rope[:2])
-            mark_dynamic((0,), *(t for l in loras for ab in l if ab for t in ab))
-        skips, lane1, slot = [], None, 0
-        for i in enc:
-            loras and mark_dynamic((0, 1), x)
-            x = seq_fn(x, x0, self.weights(i), rope, cu, max_len, loras and loras[slot], cap and _named(cap, i))
+        lora = lambda slot: fwd.loras and fwd.loras[slot]
+        cap = lambda i: fwd.cap and _named(fwd.cap, i)
+        enc, dec = layer_plan(h, fwd.depth)
+        skips, lane1 = [], None
+        for slot, i in enumerate(enc):
+            x = fns.seq(x, x0, self.weights(i), attn, lora(slot), cap(i))
             skips.append(x)
-            slot += 1
         for j, i in enumerate(dec):
             if i >= h.parallel_start_layer and lane1 is None:  # lane 1 starts before the skip: skips feed lane 0 only
                 lane1 = x.clone()  # a copy, for the reason x0 is one
             if j < self.num_skips and skips:
                 g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
                 x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
-            lora, c = loras and loras[slot], cap and _named(cap, i)
             if i >= h.parallel_start_layer:
-                loras and mark_dynamic((0, 1), x, lane1)
-                x, lane1 = par_fn(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
-                                            self.parallel_post_lambdas[i], rope, cu, max_len, lora, c)
+                x, lane1 = fns.par(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
+                                   self.parallel_post_lambdas[i], attn, lora(len(enc) + j), cap(i))
             else:
-                loras and mark_dynamic((0, 1), x)
-                x = seq_fn(x, x0, self.weights(i), rope, cu, max_len, lora, c)
-            slot += 1
+                x = fns.seq(x, x0, self.weights(i), attn, lora(len(enc) + j), cap(i))
         if lane1 is not None:
             x = {"mean": 0.5 * (x + lane1), "attn": x, "mlp": lane1}[h.parallel_final_lane]
         return x[:, :T]
 
-    def logits(self, hid, head_lora=None, cap=None):
-        if cap is not None:
-            cap("tok_emb.weight", rms(hid))
-        return softcap_logits(hid, self.tok_emb.weight, head_lora, self.h.logit_softcap)
+    def logits(self, hid, fwd: Fwd):
+        if fwd.cap is not None:
+            fwd.cap("tok_emb.weight", rms(hid))
+        return softcap_logits(hid, self.tok_emb.weight, fwd.head_lora, self.h.logit_softcap)
 
-    def token_losses(self, ids, targets, cu=None, loras=None, head_lora=None, cols=None):
+    def token_losses(self, ids, targets, fwd: Fwd, cu=None, cols=None):
         """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax; cols [B,C]: only those columns (TTT scores
         48 of up to 2048 per row, so the vocabulary projection runs on the chunk alone)."""
-        hid = self.hidden(ids, cu, loras)
+        hid = self.hidden(ids, fwd, cu)
         if cols is not None:
             hid, targets = hid.gather(1, cols[..., None].expand(-1, -1, hid.size(-1))), targets.gather(1, cols)
-            mark_dynamic((0,), hid, targets, *(head_lora or ()))
-        loss_fn = self.lora_fns[2] if head_lora is not None else self.loss_fn
-        return loss_fn(hid, self.tok_emb.weight, targets, head_lora, self.h.logit_softcap)
+        return fwd.fns.head(hid, self.tok_emb.weight, targets, fwd.head_lora, self.h.logit_softcap)
 
-    def forward(self, ids, targets, cu=None):
-        return self.token_losses(ids, targets, cu).mean()
+    def forward(self, ids, targets, fwd: Fwd, cu=None):
+        return self.token_losses(ids, targets, fwd, cu).mean()
 
     # banks <-> per-matrix names used by GPTQ and the artifact
     def unbanked_state_dict(self):
@@ -763,47 +857,10 @@ class GPT(nn.Module):
             raise RuntimeError(f"artifact does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def softcap_logits(hid, emb, head_lora, softcap):
-    n = rms(hid)
-    z = F.linear(n, emb.to(n.dtype))
-    if head_lora is not None:
-        z = z + lora_delta(n, head_lora).to(z.dtype)
-    return softcap * torch.tanh(z.float() / softcap)
-
-
-def head_losses(hid, emb, targets, head_lora, softcap):
-    """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries."""
-    z = softcap_logits(hid, emb, head_lora, softcap)
-    return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-
-
-def _named(cap, i):
-    return lambda name, x: cap(f"blocks.{i}.{name}.weight", x)
-
-
 def build_model(h, device):
     model = GPT(h).to(device)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16) if device.type == "cuda" else model.tok_emb.weight.data
-    if h.compile:
-        model.block_fn = torch.compile(sequential_block, dynamic=False, fullgraph=True)
-        model.parallel_fn = torch.compile(parallel_block, dynamic=False, fullgraph=True)
-        model.loss_fn = torch.compile(head_losses, dynamic=False, fullgraph=True)
     return model
-
-
-def compile_lora_fns(model):
-    """TTT rows change count and width every chunk: one graph per function serves them all, with only the row count
-    and width symbolic (mark_dynamic; all-symbolic dynamic=True compiles several times slower). Duck sizing
-    is off, or a row count that happens to equal a weight dimension would specialise the graph."""
-    torch.fx.experimental._config.use_duck_shape = False
-    model.lora_fns = tuple(torch.compile(f) for f in (sequential_block, parallel_block, head_losses))
-
-
-def mark_dynamic(dims, *tensors):
-    """TTT: mark row (0) / width (1) dimensions symbolic for compile_lora_fns; no effect on eager calls."""
-    for t in tensors:
-        for d in dims:
-            torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 def compiled_graphs():
@@ -1211,7 +1268,8 @@ def collect_hessians(model, h, device, files):
             rows.append(np.asarray(s[a : a + seq]).astype(np.int64))
         ids = torch.from_numpy(np.stack(rows)).to(device)
         with autocast(device):
-            model.logits(model.hidden(ids, cap=cap), cap=cap)
+            fwd = Fwd(h.eval_loop_depth, cap=cap)  # eager: the hook runs Python per matrix
+            model.logits(model.hidden(ids, fwd), fwd)
     for k in list(hs):
         if h.distributed:
             dist.all_reduce(hs[k])
@@ -1254,7 +1312,7 @@ def reduce_sums(sums, h):
 
 
 @torch.no_grad()
-def eval_val(model, val, h, device):
+def eval_val(model, val, h, device, fwd):
     """Non-overlapping, doc-packed scoring: rows of EVAL_SEQ_LEN sequences, attention within documents."""
     seq, dev_tokens = h.eval_seq_len, val.tokens.to(device)
     n = (len(val.tokens) - 1) // seq
@@ -1266,13 +1324,13 @@ def eval_val(model, val, h, device):
         x, y = dev_tokens[lo:hi], dev_tokens[lo + 1 : hi + 1]
         cu = cu_seqlens_for(val.tokens[lo:hi].numpy(), seq).to(device)
         with autocast(device):
-            loss = model.token_losses(x[None], y[None], cu)
+            loss = model.token_losses(x[None], y[None], fwd, cu)
         sums += torch.stack([loss.double().sum(), torch.tensor(float(hi - lo), device=device), val.bytes[lo + 1 : hi + 1].double().sum().to(device)])
     return bpb_from_sums(reduce_sums(sums, h))
 
 
 @torch.no_grad()
-def eval_sliding(model, val, h, device, log):
+def eval_sliding(model, val, h, device, log, fwd):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets, each scoring only its last stride targets (first: all)."""
     check_windows(h, ttt=False)
     W, S, N = h.eval_seq_len, h.eval_stride, len(val.tokens) - 1
@@ -1293,7 +1351,7 @@ def eval_sliding(model, val, h, device, log):
         x, y, m = torch.cat(xs), torch.cat(ys), torch.cat(masks)
         cu = cu_seqlens_for(x.numpy(), W, extra_starts=starts[:-1]).to(device)
         with autocast(device):
-            loss = model.token_losses(x[None].to(device), y[None].to(device), cu)[0]
+            loss = model.token_losses(x[None].to(device), y[None].to(device), fwd, cu)[0]
         m_dev = m.to(device)
         nb = torch.cat(bs).double().to(device)
         sums += torch.stack([(loss.double() * m_dev).sum(), m_dev.double().sum(), (nb * m_dev).sum()])
@@ -1350,6 +1408,41 @@ class WorkClaimer:
         return self.local[key]
 
 
+def mark_rows(dims, *tensors):
+    """Mark row (0) / width (1) dimensions symbolic for ttt_block_fns' graphs; eager calls ignore it."""
+    for t in tensors:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def adapter_tensors(lora):
+    return [t for ab in lora or () if ab is not None for t in ab]
+
+
+def ttt_block_fns(h):
+    """TTT rows change count and width every chunk: one compiled graph per block function serves them all, with only
+    the row count and width symbolic (all-symbolic dynamic=True compiles several times slower). Duck sizing is off,
+    or a row count that happens to equal a weight dimension would specialise the graph. Eager with TTT_COMPILE=0."""
+    if not h.ttt_compile:
+        return EAGER
+    torch.fx.experimental._config.use_duck_shape = False
+    seq, par, head = (torch.compile(f) for f in EAGER)
+
+    def seq_fn(x, x0, w, attn, lora, cap):
+        mark_rows((0, 1), x, x0), mark_rows((1,), *attn.rope[:2]), mark_rows((0,), *adapter_tensors(lora))
+        return seq(x, x0, w, attn, lora, cap)
+
+    def par_fn(lane0, lane1, x0, w, r, P, attn, lora, cap):
+        mark_rows((0, 1), lane0, lane1, x0), mark_rows((1,), *attn.rope[:2]), mark_rows((0,), *adapter_tensors(lora))
+        return par(lane0, lane1, x0, w, r, P, attn, lora, cap)
+
+    def head_fn(hid, emb, targets, head_lora, softcap):
+        mark_rows((0,), hid, targets, *(head_lora or ()))
+        return head(hid, emb, targets, head_lora, softcap)
+
+    return BlockFns(seq_fn, par_fn, head_fn)
+
+
 def new_adapters(model, h, bsz, device, gen):
     """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head."""
     d, kvd, V, r = h.model_dim, model.kv_bank.size(1), h.vocab_size, h.ttt_lora_rank
@@ -1358,7 +1451,7 @@ def new_adapters(model, h, bsz, device, gen):
         A = ((torch.rand(bsz, r, i, device=device, generator=gen) * 2 - 1) / math.sqrt(i)).requires_grad_()
         return A, torch.zeros(bsz, o, r, device=device, requires_grad=True)
 
-    slots = sum(len(p) for p in layer_plan(h, model.depth))
+    slots = sum(len(p) for p in layer_plan(h, h.eval_loop_depth))
     loras = [Lora(ab(d, d), ab(d, kvd) if h.ttt_k_lora else None, ab(d, kvd), ab(d, d) if h.ttt_o_lora else None,
                   ab(d, d) if h.ttt_mlp_lora else None) for _ in range(slots)]
     head = ab(d, V)
@@ -1374,7 +1467,7 @@ def _rows(loras, head, rows):
     return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
 
 
-def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
+def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
     Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
     Row bookkeeping stays on the CPU (no device syncs); the scored columns are always among a row's last C."""
@@ -1407,7 +1500,7 @@ def ttt_batch(model, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
         for step in range(h.ttt_grad_steps if update.any() else 1):
             sub_loras, sub_head = (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
             with autocast(device):
-                loss = model.token_losses(x, y, loras=sub_loras, head_lora=sub_head, cols=cols)
+                loss = model.token_losses(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
             if step == 0:
                 with torch.no_grad():
                     m = scored.double()
@@ -1434,7 +1527,9 @@ def global_sgd_loss(model, chunk, h, device):
         return None
     x, y = chunk[a:b], chunk[a + 1 : b + 1]
     with autocast(device):
-        nll = model.token_losses(x[None].to(device), y[None].to(device), cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)).sum()
+        cu = cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)
+        # eager: its packed rows would need their own graphs, compiled inside the timed loop
+        nll = model.token_losses(x[None].to(device), y[None].to(device), Fwd(h.eval_loop_depth), cu).sum()
     return nll * h.world_size / (nseq * seq)
 
 
@@ -1485,8 +1580,8 @@ def ttt_docs(val, h):
     return docs
 
 
-def eval_ttt_phased(model, val, h, device, log, per_doc=None):
-    """Phased score-first TTT (SPEC 7.5). Every target is scored once, before any update that could see it."""
+def eval_ttt_phased(model, fns, val, h, device, log, per_doc=None):
+    """Phased score-first TTT (PR #1626): every target is scored once, before any update that could see it."""
     check_windows(h, sliding=False)
     docs = ttt_docs(val, h)
     batches, bounds, ends = ttt_schedule(docs, h)
@@ -1499,7 +1594,7 @@ def eval_ttt_phased(model, val, h, device, log, per_doc=None):
     for phase, (lo, hi) in enumerate(segments):
         while (q := lo + claimer.claim(f"seg{phase}")) < hi:
             gen = torch.Generator(device=device).manual_seed(h.seed * 1000003 + q)
-            bs = ttt_batch(model, val_dev, bytes_dev, [docs[i] for i in batches[q]], h, device, gen, per_doc)
+            bs = ttt_batch(model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], h, device, gen, per_doc)
             sums += bs
             if h.is_main_process:
                 bl, bb = bpb_from_sums(bs)[:2]
@@ -1532,6 +1627,10 @@ class Logger:
     def __call__(self, msg=""):
         if self.main:
             print(msg, flush=True)
+            self.file_only(msg)
+
+    def file_only(self, msg):
+        if self.main:
             self.f.write(msg + "\n")
             self.f.flush()
 
@@ -1541,55 +1640,48 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def training_step(model, opt, loader, h, device, step, frac):
+def training_step(model, opt, loader, h, device, step, frac, fwd):
     total = 0.0
     for _ in range(h.grad_accum_steps):
         x, y, cu = loader.next_batch()
         with autocast(device):
-            loss = model(x[None], y[None], cu)
+            loss = model(x[None], y[None], fwd, cu)
         (loss / h.grad_accum_steps).backward()
         total = total + loss.detach()
     opt.step(step, frac)
     return total / h.grad_accum_steps
 
 
-def warmup(model, opt, h, device, log):
-    """Compile every graph the run will need before the timer starts, then restore the initial state."""
+def warmup(model, opt, h, device, log, fns):
+    """Compile every graph the run will need (each depth of the schedule and TRAIN_LOOP_PREWARM_DEPTHS) before the
+    timer starts, then restore the initial state."""
     if h.warmup_steps <= 0:
         return
     model_state, opt_state = copy.deepcopy(model.state_dict()), opt.state_dict()
     loader = TrainLoader(h, device)
-    depths = sorted({1, *h.train_depths, *_ints(h.train_loop_prewarm_depths)} - {0}) or [1]
+    depths = sorted({1, *(d for _, d in h.depth_schedule), *h.train_loop_prewarm_depths} - {0})
     t0 = time.perf_counter()
     for s in range(h.warmup_steps):
-        model.depth = depths[s % len(depths)]
-        training_step(model, opt, loader, h, device, s, 0.0)
+        depth = depths[s % len(depths)]
+        training_step(model, opt, loader, h, device, s, 0.0, Fwd(depth, fns))
         if s < 6 or s + 1 in (10, h.warmup_steps):
             sync(device)
-            log(f"warmup_step: {s + 1}/{h.warmup_steps} depth:{model.depth} t:{time.perf_counter() - t0:.1f}s")
+            log(f"warmup_step: {s + 1}/{h.warmup_steps} depth:{depth} t:{time.perf_counter() - t0:.1f}s")
     model.load_state_dict(model_state)
     opt.load_state_dict(opt_state)
-    model.depth = 1
 
 
-def eval_in_loop(model, val, h, device):
-    """In-loop validation at EVAL_LOOP_DEPTH, as the records log it, whatever depth training is at."""
-    depth, model.depth = model.depth, h.eval_loop_depth
-    try:
-        return eval_val(model, val, h, device)
-    finally:
-        model.depth = depth
-
-
-def train(model, h, device, log, val):
+def train(model, h, device, log, val, fns):
     opt = Optimizers(model, h)
-    warmup(model, opt, h, device, log)
+    warmup(model, opt, h, device, log, fns)
     torch.manual_seed(h.seed)
     ema, loader = EMA(model, h.ema_decay), TrainLoader(h, device)
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else 0
     if cap_ms:
         log(f"gptq:reserving {h.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
-    log(f"loop_depth_schedule: train={h.train_depths or [1, h.loop_depth_on]} phase_fracs={h.train_loop_phase_fractions or None} prewarm={_ints(h.train_loop_prewarm_depths)} eval_depth={h.eval_loop_depth}")
+    log(f"loop_depth_schedule: {[(round(s, 4), d) for s, d in h.depth_schedule]} (start fraction, depth) "
+        f"prewarm={list(h.train_loop_prewarm_depths)} eval_depth={h.eval_loop_depth}")
+    fwd = Fwd(1, fns)
     step, train_ms, stop = 0, 0.0, False
     sync(device)
     t0 = time.perf_counter()
@@ -1598,7 +1690,7 @@ def train(model, h, device, log, val):
         if h.val_loss_every > 0 and (step % h.val_loss_every == 0 or last):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = eval_in_loop(model, val, h, device)[:2]
+            vl, vb = eval_val(model, val, h, device, Fwd(h.eval_loop_depth, fns))[:2]  # the records' depth
             log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(device)
             t0 = time.perf_counter()
@@ -1607,11 +1699,11 @@ def train(model, h, device, log, val):
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         frac = elapsed / cap_ms if cap_ms else step / h.iterations
         depth = loop_depth_at(frac, h)
-        if depth != model.depth:
+        if depth != fwd.depth:
             enc, dec = layer_plan(h, depth)
             log(f"layer_loop:phase step:{step} frac:{frac:.3f} depth:{depth} encoder:{enc} decoder:{dec}")
-            model.depth = depth
-        loss = training_step(model, opt, loader, h, device, step, frac)
+            fwd = Fwd(depth, fns)
+        loss = training_step(model, opt, loader, h, device, step, frac, fwd)
         ema.update()
         step += 1
         sync(device)
@@ -1685,11 +1777,10 @@ def load_artifact_model(h, device, path):
         raise DataError(f"{path} does not fit this model ({e}); set the model settings (NUM_LAYERS, MODEL_DIM, ...) "
                         "of the run that made it") from None
     model.load_unbanked(sd)
-    model.depth = h.eval_loop_depth
     return model
 
 
-def ttt_warmup(model, h, device, log):
+def ttt_warmup(model, fns, h, device, log):
     """Compile before the eval timer, on random tokens (no validation data): the LoRA forward for a full batch of short
     documents and one long one (many rows, the padded lone row, rows past the window), then one global-SGD
     forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
@@ -1701,7 +1792,7 @@ def ttt_warmup(model, h, device, log):
     starts = np.cumsum([0] + lens[:-1])
     toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
     toks[torch.from_numpy(starts).to(device)] = BOS_ID
-    ttt_batch(model, toks, torch.ones_like(toks), [Doc(int(s), n) for s, n in zip(starts, lens)], h, device,
+    ttt_batch(model, fns, toks, torch.ones_like(toks), [Doc(int(s), n) for s, n in zip(starts, lens)], h, device,
               torch.Generator(device=device).manual_seed(0))
     if h.phased_ttt_prefix_docs > 0:
         model.requires_grad_(True)
@@ -1713,23 +1804,21 @@ def ttt_warmup(model, h, device, log):
     log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
 
 
-def evaluate_artifact(h, device, log, val, path, t_start):
-    model = load_artifact_model(h, device, path)
-    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device), log, val_totals(val))
+def evaluate_artifact(h, device, log, val, path, t_start, fns):
+    model, fwd = load_artifact_model(h, device, path), Fwd(h.eval_loop_depth, fns)
+    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device, fwd), log, val_totals(val))
     if h.sliding_window_enabled:
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log), log,
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log, fwd), log,
                    val_totals(val))
     if not h.ttt_enabled:
         return
-    # global SGD runs eagerly: its packed rows would need their own graphs, compiled inside the timed loop
-    model.block_fn, model.parallel_fn, model.loss_fn = sequential_block, parallel_block, head_losses
+    ttt_fns = ttt_block_fns(h)
     if h.ttt_compile:
-        compile_lora_fns(model)
-        ttt_warmup(model, h, device, log)
+        ttt_warmup(model, ttt_fns, h, device, log)
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()
-    score = eval_ttt_phased(model, val, h, device, log)
+    score = eval_ttt_phased(model, ttt_fns, val, h, device, log)
     sync(device)
     t = time.perf_counter() - t0
     if h.ttt_compile:
@@ -1743,7 +1832,6 @@ def evaluate_artifact(h, device, log, val, path, t_start):
 def quantize_and_save(model, h, device, log, train_ms):
     t0 = time.perf_counter()
     log("GPTQ:collecting Hessians from calibration data...")
-    model.depth = h.eval_loop_depth
     hessians = collect_hessians(model, h, device, list_shards(h.train_files, "training"))
     sync(device)
     calib = time.perf_counter() - t0
@@ -1771,7 +1859,7 @@ def quantize_and_save(model, h, device, log, train_ms):
 
 
 def main():
-    h = Hyperparameters()
+    h = Hyperparameters.from_env()
     device = torch.device("cuda", h.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1783,11 +1871,16 @@ def main():
     random_seed(h.seed)
     t_start = time.perf_counter()
     log = Logger(h)
+    log.file_only(open(__file__, encoding="utf-8").read())  # the run log carries the code that made it
     log("Hyperparameters:")
     for k, v in h.public().items():
         log(f"  {k}: {v}")
+    for line in record_env_warnings():
+        log(line)
     log(f"torch_version: {torch.__version__}")
-    log(f"attn_backend:{ATTN_BACKEND}")
+    log(f"versions: python {sys.version.split()[0]} numpy {np.__version__} cuda {torch.version.cuda} "
+        f"triton {getattr(sys.modules.get('triton'), '__version__', None)}")
+    log(f"attn_backend:{h.attn_backend}")
     log(f"hardware: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x{h.world_size}")
     log(f"world_size:{h.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_tokens:{h.micro_batch_tokens}")
     sp = load_tokenizer(h)
@@ -1799,25 +1892,25 @@ def main():
         path = h.artifact or h.quantized_model_path
         if not os.path.isfile(path):
             raise DataError(f"EVAL_ONLY=1 but artifact {path} does not exist; set ARTIFACT=path/to/final_model.int6.ptz")
-        evaluate_artifact(h, device, log, val, path, t_start)
+        evaluate_artifact(h, device, log, val, path, t_start, compiled_block_fns(h))
         return
     log(f"train_shards: {len(check_shards(h.train_files, 'training'))}")  # all of them now, not when training gets there
-    model = build_model(h, device)
+    model, fns = build_model(h, device), compiled_block_fns(h)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_ms = 0.0
     if h.resume_from:
         log(f"resume_from:{h.resume_from} (skipping training)")
         model.load_state_dict(torch.load(h.resume_from, map_location=device))
     else:
-        train_ms = train(model, h, device, log, val)
+        train_ms = train(model, h, device, log, val, fns)
         if h.is_main_process:
             torch.save(model.state_dict(), h.model_path)
             log(f"Serialized model: {os.path.getsize(h.model_path)} bytes")
-    model.depth = h.eval_loop_depth
-    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device), log, val_totals(val))
+    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device, Fwd(h.eval_loop_depth, fns)),
+               log, val_totals(val))
     quantize_and_save(model, h, device, log, train_ms)
     del model
-    evaluate_artifact(h, device, log, val, h.quantized_model_path, time.perf_counter())
+    evaluate_artifact(h, device, log, val, h.quantized_model_path, time.perf_counter(), fns)
 
 
 def random_seed(seed):

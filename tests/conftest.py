@@ -58,15 +58,16 @@ def have_shared():
 
 
 def make_h(**fields):
-    """train_gpt.Hyperparameters with fields overridden before __init__ runs, so derived fields (train_depths,
-    loop_depth_on, micro_batch_tokens, paths) follow the overrides exactly as they would follow env vars."""
+    """train_gpt.Hyperparameters: the defaults (not the env) with fields overridden, built through the same
+    constructor as from_env (derived fields follow); list fields may be given as their env strings ("1,3,4")."""
+    import dataclasses
     import train_gpt as tg
-    h = tg.Hyperparameters.__new__(tg.Hyperparameters)
+    defaults = {f.name: f.default for f in dataclasses.fields(tg.Hyperparameters) if f.init}
     for k, v in fields.items():
-        assert hasattr(tg.Hyperparameters, k), k
-        setattr(h, k, v)
-    h.__init__()
-    return h
+        assert k in defaults, k
+        if isinstance(defaults[k], tuple) and isinstance(v, str):
+            fields[k] = tg.parse_env(k.upper(), v, defaults[k])
+    return tg.Hyperparameters(**fields)
 
 
 def tiny_env(data_root, **over):

@@ -45,30 +45,32 @@ def run_script(env, cwd, nproc=1):
     (True, "1", True), (True, "TRUE", True), (False, " Yes ", True), (True, "no", False), (True, "0", False),
     (True, "False", False), (True, "", True), (False, "on", None), (False, "2", None), (True, "y", None),
     (11, "12", 12), (11, "abc", None), (11, "1.5", None), (0.35, "0.5", 0.5), (0.35, "1e-3", 1e-3), (0.35, "x", None),
-    ("brotli", "lzma", "lzma")])
-def test_env_values_parse_strictly(monkeypatch, default, raw, want):
-    """Booleans are exactly 1/0/true/false/yes/no (any case): `on` or `2` used to be silently false."""
-    monkeypatch.setenv("PG_TEST_VAR", raw)
+    ("brotli", "lzma", "lzma"), ((1, 3, 4), "1, 4", (1, 4)), ((1, 3, 4), "", ()), ((), "1,0.5", (1.0, 0.5)),
+    ((3, 4), "3,x", None)])
+def test_env_values_parse_strictly(default, raw, want):
+    """Booleans are exactly 1/0/true/false/yes/no (any case): `on` or `2` used to be silently false. Lists are
+    parsed once, by their items' type; an empty list is a value (TRAIN_LOOP_PHASE_DEPTHS= turns the curriculum off)."""
     if want is None:
-        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number"}[type(default)]
+        what = {bool: "a boolean (1/0/true/false/yes/no)", int: "an integer", float: "a number",
+                tuple: "a comma-separated list of numbers"}[type(default)]
         with pytest.raises(tg.ConfigError) as e:
-            tg.env_value("PG_TEST_VAR", default)
+            tg.parse_env("PG_TEST_VAR", raw, default)
         assert str(e.value) == f"PG_TEST_VAR={raw!r} is not {what}; fix or unset PG_TEST_VAR (default {default})"
     else:
-        got = tg.env_value("PG_TEST_VAR", default)
+        got = tg.parse_env("PG_TEST_VAR", raw, default)
         assert got == want and type(got) is type(want)
 
 
-def test_bad_env_is_one_line_even_though_read_at_import(tmp_path, monkeypatch):
-    """The env is read while the module is imported: importing still works (tests, tools), Hyperparameters() raises,
-    and the script prints one line naming every bad variable, before anything is written."""
+def test_bad_env_is_one_line(tmp_path, monkeypatch):
+    """Hyperparameters.from_env() names every bad variable in one error; importing never fails, and the script
+    prints that one line before anything is written."""
     monkeypatch.setenv("NUM_LAYERS", "abc")
     monkeypatch.setenv("TTT_ENABLED", "on")
     spec = importlib.util.spec_from_file_location("train_gpt_bad_env", TRAIN_GPT)
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)  # a fresh import under the bad env
     with pytest.raises(fresh.ConfigError, match=r"^NUM_LAYERS='abc' is not an integer; .*; TTT_ENABLED='on'"):
-        fresh.Hyperparameters()
+        fresh.Hyperparameters.from_env()
     r = run_script(dict(os.environ, ARTIFACT_DIR=str(tmp_path)), tmp_path)
     assert r.stderr.strip() == ("error: NUM_LAYERS='abc' is not an integer; fix or unset NUM_LAYERS (default 11); "
                                 "TTT_ENABLED='on' is not a boolean (1/0/true/false/yes/no); fix or unset TTT_ENABLED "
@@ -85,22 +87,23 @@ def test_batch_tokens_must_split_into_whole_sequences(monkeypatch):
                             " = 1*8*2048 = 16384; nearest valid: 393216 or 376832")
     with pytest.raises(tg.ConfigError, match=r"= 1\*8\*2048 = 16384; nearest valid: 16384$"):
         make_h(train_batch_tokens=1000)
-    monkeypatch.setenv("WORLD_SIZE", "2")
     want = r"TRAIN_BATCH_TOKENS=2304 .* = 2\*1\*256 = 512; nearest valid: 2560 or 2048$"
     with pytest.raises(tg.ConfigError, match=want):
-        make_h(train_batch_tokens=2304, grad_accum_override=1, train_seq_len=256)
+        make_h(world_size=2, train_batch_tokens=2304, grad_accum_steps=1, train_seq_len=256)
     for world in (1, 2, 3, 4, 6, 8):  # the record batch on the usual GPU counts, and the tiny test/smoke.sh configs
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        h = make_h()
+        h = tg.Hyperparameters.from_env()
         assert h.micro_batch_tokens * world * h.grad_accum_steps == h.train_batch_tokens == 786432
-        make_h(train_batch_tokens=2048 * world, grad_accum_override=1, train_seq_len=256)
+        make_h(world_size=world, train_batch_tokens=2048 * world, grad_accum_steps=1, train_seq_len=256)
 
 
 @pytest.mark.parametrize("fields,match", [
     (dict(compressor="zstd"), "COMPRESSOR='zstd' is not one of brotli, lzma"),
     (dict(parallel_final_lane="sum"), "PARALLEL_FINAL_LANE='sum' is not one of mean, attn, mlp"),
-    (dict(train_loop_phase_depths="1,x"), "TRAIN_LOOP_PHASE_DEPTHS='1,x' is not a comma-separated list of integers"),
+    (dict(train_loop_phase_depths="1,x"), "TRAIN_LOOP_PHASE_DEPTHS='1,x' is not a comma-separated list of numbers"),
     (dict(train_loop_phase_fractions="0.5,a"), "TRAIN_LOOP_PHASE_FRACTIONS='0.5,a' is not a comma-separated list"),
+    (dict(train_loop_phase_fractions="1,2"), "TRAIN_LOOP_PHASE_FRACTIONS has 2 entries for 3 TRAIN_LOOP_PHASE_DEPTHS"),
+    (dict(attn_backend="cudnn"), "ATTN_BACKEND='cudnn' is not available here"),
     (dict(prequant_ttt_enabled=True), "PREQUANT_TTT_ENABLED=1 refused")])
 def test_settings_that_fail_after_training_are_refused_at_startup(fields, match):
     """Each of these used to surface only at packaging, at the first forward or at a loop phase change."""

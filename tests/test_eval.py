@@ -28,7 +28,6 @@ V = 64  # synthetic vocabulary: 0 unused, 1 = BOS, content ids 2..63
 
 def tiny_h(**over):
     """Hyperparameters of a tiny looped GPT (4 physical layers, loop 1-2, parallel lanes at 3, XSA everywhere)."""
-    h = tg.Hyperparameters()
     cfg = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0, loop_start=1, loop_end=2,
                num_loops=2, parallel_start_layer=3, xsa_last_n=4, vocab_size=V, train_seq_len=64, eval_seq_len=64,
                val_batch_tokens=1 << 20, eval_stride=16, eval_loop_depth=2, compile=False, seed=0,
@@ -37,17 +36,14 @@ def tiny_h(**over):
                ttt_mlp_lora=True, ttt_o_lora=True, val_doc_fraction=1.0, phased_ttt_prefix_docs=0,
                phased_ttt_num_phases=1, global_ttt_lr=1e-2, global_ttt_momentum=0.9, global_ttt_epochs=1,
                global_ttt_chunk_tokens=128, global_ttt_grad_clip=1.0, rank=0, world_size=1, local_rank=0,
-               distributed=False, is_main_process=True, train_loop_phase_depths="1,3,4", train_batch_tokens=4096,
-               grad_accum_override=1)
+               train_loop_phase_depths="1,3,4", train_batch_tokens=3840, grad_accum_steps=1, ttt_compile=False)
     cfg.update(over)
-    for k, v in cfg.items():
-        setattr(h, k, v)
-    # fields that Hyperparameters.__init__ derives from the ones above
-    h.train_depths = tg._ints(h.train_loop_phase_depths)
-    h.loop_depth_on = h.num_loops + 1
-    h.grad_accum_steps = h.grad_accum_override or max(1, 8 // h.world_size)
-    h.micro_batch_tokens = h.train_batch_tokens // (h.world_size * h.grad_accum_steps)
-    return h
+    return make_h(**cfg)
+
+
+def ev(h, fns=tg.EAGER):
+    """The evaluation forward: EVAL_LOOP_DEPTH, eager block functions."""
+    return tg.Fwd(h.eval_loop_depth, fns)
 
 
 def tiny_model(h, seed=0):
@@ -60,7 +56,6 @@ def tiny_model(h, seed=0):
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
             p.requires_grad_(False)
-    m.depth = h.eval_loop_depth
     return m
 
 
@@ -103,7 +98,7 @@ def capture_sums(monkeypatch):
 def ttt_scores(model, val, h, log=quiet):
     """Run eval_ttt_phased on a copy of the model (global SGD updates it in place); per-target scores per document."""
     per_doc = defaultdict(list)
-    res = tg.eval_ttt_phased(copy.deepcopy(model), val, h, CPU, log, per_doc)
+    res = tg.eval_ttt_phased(copy.deepcopy(model), tg.EAGER, val, h, CPU, log, per_doc)
     return res, {s: torch.cat(v) for s, v in per_doc.items()}, per_doc
 
 
@@ -112,7 +107,7 @@ def doc_alone_losses(model, val, doc):
     x = val.tokens[doc.start : doc.start + doc.length - 1]
     y = val.tokens[doc.start + 1 : doc.start + doc.length]
     with torch.no_grad():
-        return model.token_losses(x[None], y[None])[0]
+        return model.token_losses(x[None], y[None], ev(model.h))[0]
 
 
 def scramble(val, doc, seed, lo=1):
@@ -145,14 +140,14 @@ def test_eval_val_matches_hand_computation():
     assert all(d.length - 1 <= h.eval_seq_len for d in docs)
     nll = sum(doc_alone_losses(m, val, d).double().sum().item() for d in docs)
     n, nbytes = len(val.tokens) - 1, int(val.bytes[1:].sum())
-    loss, bpb, ntok, got_bytes = tg.eval_val(m, val, h, CPU)
+    loss, bpb, ntok, got_bytes = tg.eval_val(m, val, h, CPU, ev(h))
     assert (ntok, got_bytes) == (n, nbytes)
     assert loss == pytest.approx(nll / n, rel=1e-6)
     assert bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
     # several rows per batch (row boundaries fall between documents of exactly one row) give the same numbers
     val2 = make_val([32, 32, 64, 20, 44], seed=1)
-    a = tg.eval_val(m, val2, h, CPU)
-    b = tg.eval_val(m, val2, tiny_h(val_batch_tokens=64), CPU)
+    a = tg.eval_val(m, val2, h, CPU, ev(h))
+    b = tg.eval_val(m, val2, tiny_h(val_batch_tokens=64), CPU, ev(h))
     assert a == pytest.approx(b, rel=1e-6)
 
 
@@ -236,8 +231,8 @@ def test_scores_are_full_vocabulary_softmax(with_lora):
         loras = [tg.Lora(*(tile(ab) for ab in l)) for l in loras]
         head = tile(head)
     with torch.no_grad():
-        losses = m.token_losses(ids.expand(V, T), y, loras=loras, head_lora=head)
-        plain = m.token_losses(ids.expand(V, T), y)
+        losses = m.token_losses(ids.expand(V, T), y, tg.Fwd(m.h.eval_loop_depth, tg.EAGER, loras, head))
+        plain = m.token_losses(ids.expand(V, T), y, ev(m.h))
     assert torch.logsumexp(-losses[:, t].double(), 0).abs().item() < 1e-5
     assert torch.allclose(losses[:, :t], losses[:1, :t].expand(V, -1), atol=1e-6)  # same inputs, same earlier scores
     if with_lora:
@@ -254,20 +249,22 @@ def test_single_pass_eval_val_and_sliding(monkeypatch):
     n, nbytes = len(val.tokens) - 1, val.bytes[1:].double().sum().item()
     assert val.bytes[-1] > 0  # target bytes, not input bytes: the two totals differ by the last token's bytes
     seen = capture_sums(monkeypatch)
-    tg.eval_val(m, val, h, CPU)
+    tg.eval_val(m, val, h, CPU, ev(h))
     assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
     for stride in (16, 28, 64):  # windows ending exactly at N and a partial last window
-        tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet)
+        tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet, ev(h))
         assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
     short = make_val([20, 30])  # N <= window: one window scoring everything
-    tg.eval_sliding(m, short, h, CPU, quiet)
+    tg.eval_sliding(m, short, h, CPU, quiet, ev(h))
     assert seen[-1][1].item() == 50 and seen[-1][2].item() == short.bytes[1:].double().sum().item()
-    # the per-rank shares of eval_val and eval_sliding add up to every target once
+    # the per-rank shares of eval_val and eval_sliding add up to every target once (each rank's own sums, as if
+    # there were no other rank to all-reduce with)
+    monkeypatch.setattr(tg, "reduce_sums", lambda *a: next(x for x in a if isinstance(x, torch.Tensor)))
     for ws in (2, 3):
-        for fn in (lambda hh: tg.eval_val(m, val, hh, CPU), lambda hh: tg.eval_sliding(m, val, hh, CPU, quiet)):
+        for fn in (lambda hh: tg.eval_val(m, val, hh, CPU, ev(hh)), lambda hh: tg.eval_sliding(m, val, hh, CPU, quiet, ev(hh))):
             total = torch.zeros(3, dtype=torch.float64)
             for r in range(ws):
-                fn(tiny_h(rank=r, world_size=ws, is_main_process=r == 0, eval_stride=20))
+                fn(tiny_h(rank=r, world_size=ws, eval_stride=20))
                 total += seen[-1]
             assert total[1].item() == n and total[2].item() == nbytes
 
@@ -313,9 +310,9 @@ def test_windows_that_would_skip_targets_are_refused():
     m = tiny_model(tiny_h())
     val = make_val([40, 24])
     with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE"):
-        tg.eval_ttt_phased(m, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
+        tg.eval_ttt_phased(m, tg.EAGER, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
     with pytest.raises(tg.ConfigError, match="EVAL_STRIDE"):
-        tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet)
+        tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet, ev(m.h))
     # refused at startup too (these used to fail only after training), where the evaluation is enabled
     with pytest.raises(tg.ConfigError, match="EVAL_STRIDE=4096 must be in 1..EVAL_SEQ_LEN=2048"):
         make_h(sliding_window_enabled=True, eval_stride=4096)
@@ -350,8 +347,8 @@ def test_scored_counts_are_the_val_tokens_and_original_utf8_bytes(prepared_data,
     tail = val._replace(tokens=val.tokens[start:], bytes=val.bytes[start:])
     want = (len(tail.tokens) - 1, utf8(docs[9:12]))
     m = tiny_model(h)
-    assert tg.eval_val(m, tail, make_h(eval_seq_len=want[0], **tiny), CPU)[2:] == want
-    assert tg.eval_sliding(m, tail, make_h(eval_seq_len=256, eval_stride=128, **tiny), CPU, quiet)[2:] == want
+    assert tg.eval_val(m, tail, make_h(eval_seq_len=want[0], **tiny), CPU, ev(m.h))[2:] == want
+    assert tg.eval_sliding(m, tail, make_h(eval_seq_len=256, eval_stride=128, **tiny), CPU, quiet, ev(m.h))[2:] == want
 
 
 def artifact_of(model, path):
@@ -369,7 +366,7 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
     path = artifact_of(tiny_model(h), tmp_path / "a.ptz")
     val = make_val(padded([40, 12, 33, 2, 64, 25, 9, 44, 30, 18, 38, 7]))
     lines = []
-    tg.evaluate_artifact(h, CPU, lines.append, val, path, time.perf_counter())
+    tg.evaluate_artifact(h, CPU, lines.append, val, path, time.perf_counter(), tg.EAGER)
     line_re = r"^(.+) val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:\d+ms val_tokens:(\d+) val_bytes:(\d+)$"
     got = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(line_re, "\n".join(lines), re.M)}
     full = (len(val.tokens) - 1, int(val.bytes[1:].sum()))
@@ -382,20 +379,20 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
     monkeypatch.setattr(tg, "eval_val", lambda m, v, *a: real_val(m, v._replace(tokens=v.tokens[:-64]), *a))
     with pytest.raises(RuntimeError, match=f"diagnostic quantized scored {full[0] - 64} targets / \\d+ bytes but the "
                                            f"set holds {full[0]} / {full[1]}: targets were skipped"):
-        tg.evaluate_artifact(tiny_h(ttt_enabled=False), CPU, quiet, val, path, time.perf_counter())
+        tg.evaluate_artifact(tiny_h(ttt_enabled=False), CPU, quiet, val, path, time.perf_counter(), tg.EAGER)
     monkeypatch.setattr(tg, "eval_val", real_val)
     calls = []
     monkeypatch.setattr(tg, "ttt_batch", lambda *a: real_batch(*a) * (len(calls.append(1) or calls) > 1))  # drops #1
     with pytest.raises(RuntimeError, match="quantized_ttt_phased scored .* targets were skipped or scored twice"):
-        tg.evaluate_artifact(tiny_h(**over), CPU, quiet, val, path, time.perf_counter())
+        tg.evaluate_artifact(tiny_h(**over), CPU, quiet, val, path, time.perf_counter(), tg.EAGER)
 
 
 # ----------------------------------------------------------------------------- 1. score before update
 
 
-def run_batch(model, h, tokens, nbytes, docs, seed=5):
+def run_batch(model, h, tokens, nbytes, docs, seed=5, fns=tg.EAGER):
     per_doc = defaultdict(list)
-    sums = tg.ttt_batch(model, tokens, nbytes, docs, h, CPU, torch.Generator().manual_seed(seed), per_doc)
+    sums = tg.ttt_batch(model, fns, tokens, nbytes, docs, h, CPU, torch.Generator().manual_seed(seed), per_doc)
     return sums, per_doc
 
 
@@ -460,12 +457,12 @@ def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
     h = tiny_h()
     m = tiny_model(h)
     widths, rows = [], []
-    seq, par, head = m.lora_fns
-    m.lora_fns = (lambda x, *a, **k: rows.append(x.size(0)) or seq(x, *a, **k), par,
-                  lambda hid, *a: widths.append(hid.size(1)) or head(hid, *a))
+    seq, par, head = tg.EAGER
+    fns = tg.BlockFns(lambda x, *a: rows.append(x.size(0)) or seq(x, *a), par,
+                      lambda hid, *a: widths.append(hid.size(1)) or head(hid, *a))
     val = make_val([150, 45, 20, 9])
     docs = tg.find_docs(val.tokens)[:4]
-    sums, per_doc = run_batch(m, h, val.tokens, val.bytes, docs)
+    sums, per_doc = run_batch(m, h, val.tokens, val.bytes, docs, fns=fns)
     assert set(widths) == {h.ttt_chunk_size} and min(rows) == 2 and max(rows) == 4
     assert sums[1].item() == sum(d.length - 1 for d in docs)  # the riding document adds nothing to the sums
     assert sums[2].item() == sum(val.bytes[d.start + 1 : d.start + d.length].sum().item() for d in docs)
@@ -479,7 +476,7 @@ def test_ttt_warmup_leaves_weights_and_flags_untouched():
     m.requires_grad_(True)  # as loaded from the artifact
     before = {k: v.clone() for k, v in m.state_dict().items()}
     lines = []
-    tg.ttt_warmup(m, h, CPU, lines.append)
+    tg.ttt_warmup(m, tg.EAGER, h, CPU, lines.append)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert not any(p.requires_grad or p.grad is not None for p in m.parameters())
     assert lines[-1].startswith("ttt_lora:compile warmup done")
@@ -491,16 +488,15 @@ def test_compiled_ttt_one_graph_per_function_and_eager_scores():
     equal the eager loop's (inductor on CPU, about a minute)."""
     h = tiny_h()
     eager = tiny_model(h)
-    m = copy.deepcopy(eager)
-    tg.compile_lora_fns(m)
+    m, fns = copy.deepcopy(eager), tg.ttt_block_fns(tiny_h(ttt_compile=True))
     lines = []
-    tg.ttt_warmup(m, h, CPU, lines.append)
+    tg.ttt_warmup(m, fns, h, CPU, lines.append)
     assert lines[-1].endswith(", 3 graphs)"), lines[-1]
     g0 = tg.compiled_graphs()
     val = make_val([150, 45, 20, 9, 33, 70, 12, 100])
     docs = tg.find_docs(val.tokens)
     for batch in (docs[:4], docs[4:7], docs[7:]):
-        _, got = run_batch(m, h, val.tokens, val.bytes, batch)
+        _, got = run_batch(m, h, val.tokens, val.bytes, batch, fns=fns)
         _, want = run_batch(eager, h, val.tokens, val.bytes, batch)
         for d in batch:
             torch.testing.assert_close(torch.cat(got[d.start]), torch.cat(want[d.start]), atol=1e-3, rtol=1e-3)
@@ -587,14 +583,14 @@ def test_sliding_equals_plain_on_short_documents():
     m = tiny_model(h)
     val = make_val(padded([40, 12, 33, 2, 47, 25, 9, 44, 30, 18, 38]))
     assert max(d.length - 1 for d in tg.find_docs(val.tokens)) <= h.eval_seq_len - h.eval_stride
-    plain = tg.eval_val(m, val, h, CPU)
+    plain = tg.eval_val(m, val, h, CPU, ev(h))
     for stride in (16, 24):
-        sl = tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet)
+        sl = tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet, ev(h))
         assert sl[0] == pytest.approx(plain[0], abs=1e-6)
         assert sl[1] == pytest.approx(plain[1], abs=1e-6)
     # a document longer than the window is cut differently by the two: they must then differ (the check can fail)
     long_val = make_val(padded([150, 20]))
-    assert abs(tg.eval_sliding(m, long_val, h, CPU, quiet)[0] - tg.eval_val(m, long_val, h, CPU)[0]) > 1e-4
+    assert abs(tg.eval_sliding(m, long_val, h, CPU, quiet, ev(h))[0] - tg.eval_val(m, long_val, h, CPU, ev(h))[0]) > 1e-4
 
 
 def test_ttt_without_updates_equals_plain_evaluation():
@@ -603,7 +599,7 @@ def test_ttt_without_updates_equals_plain_evaluation():
     val = make_val(padded([40, 12, 33, 2, 64, 25, 9, 44, 30, 18, 38, 7]))
     docs = tg.find_docs(val.tokens)
     assert max(d.length - 1 for d in docs) <= min(h0.eval_seq_len, h0.ttt_eval_seq_len)
-    plain = tg.eval_val(m, val, h0, CPU)
+    plain = tg.eval_val(m, val, h0, CPU, ev(h0))
     res, scores, _ = ttt_scores(m, val, h0)
     assert res[0] == pytest.approx(plain[0], abs=1e-5)
     assert res[1] == pytest.approx(plain[1], abs=1e-5)
@@ -631,7 +627,7 @@ def _ttt_rank_worker(rank, world, port, out_dir, over, val):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        h = tiny_h(**over, rank=rank, world_size=world, distributed=True, is_main_process=rank == 0)
+        h = tiny_h(**over, rank=rank, world_size=world)
         res, scores, _ = ttt_scores(tiny_model(h), val, h)
         torch.save({"res": tuple(res), "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -10,26 +10,16 @@ from conftest import make_h
 # attention gate everywhere:
 # depth 3 -> encoder [0, 1, 2, 1], decoder [2, 1, 2, 3] with 4 skips, so every model feature is exercised.
 TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
-            loop_start=1, loop_end=2, parallel_start_layer=3, xsa_last_n=4, train_seq_len=64, compile=False)
-
-
-REAL_BACKEND = tg.ATTN_BACKEND
-REAL_KERNELS = dict(_FA3=tg._FA3, _VARLEN=tg._VARLEN, USE_FLEX=tg.USE_FLEX)
-
-
-@pytest.fixture(autouse=True)
-def cpu_sdpa(monkeypatch):
-    """Every test here runs on CPU tensors, i.e. through the SDPA path, even on a machine with FA3/varlen_attn."""
-    for name, value in dict(_FA3=None, _VARLEN=None, USE_FLEX=False).items():
-        monkeypatch.setattr(tg, name, value)
-
+            loop_start=1, loop_end=2, parallel_start_layer=3, xsa_last_n=4, train_seq_len=64, compile=False,
+            attn_backend="sdpa")  # CPU tensors: the SDPA path, even on a machine with FA3/varlen_attn
+FAST_VARLEN = "fa3" if tg._FA3 else "varlen" if tg._VARLEN else None
 
 
 def tiny_model(depth=1, seed=0, **over):
     """fp32 tiny GPT with every parameter randomised: the default init zeroes the output and down projections
-    (blocks start as identities), which would hide any cross-position leak."""
+    (blocks start as identities), which would hide any cross-position leak. Evaluated at `depth`."""
     torch.manual_seed(seed)
-    model = tg.build_model(make_h(**{**TINY, **over}), torch.device("cpu"))
+    model = tg.build_model(make_h(**{**TINY, "eval_loop_depth": depth, **over}), torch.device("cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_bank"):  # [n, out, in]
@@ -38,14 +28,14 @@ def tiny_model(depth=1, seed=0, **over):
                 p.copy_(torch.randn_like(p))
             else:
                 p.copy_(p + 0.3 * torch.randn_like(p))
-    model.depth = depth
     model.eval()
     return model
 
 
 @torch.no_grad()
 def logits(model, ids, cu=None):
-    return model.logits(model.hidden(ids, cu))
+    fwd = tg.Fwd(model.h.eval_loop_depth)
+    return model.logits(model.hidden(ids, fwd, cu), fwd)
 
 
 def packed_row(lengths, seed=0, vocab=64):
@@ -129,11 +119,11 @@ def records_hidden(model, ids):
     """The records' decoder rule, written out directly: at the first parallel layer both lanes start from x as it
     is *before* that layer's U-Net skip; every skip from then on goes to lane 0 only; the output is the lane mean."""
     h, x0 = model.h, tg.rms(model.tok_emb(ids))
-    rope, max_len = model.rope(ids.size(1), ids.device), h.train_seq_len
-    enc, dec = tg.layer_plan(h, model.depth)
+    attn = tg.AttnArgs(model.rope(ids.size(1), ids.device), None, h.train_seq_len, "sdpa")
+    enc, dec = tg.layer_plan(h, h.eval_loop_depth)
     x, skips = x0, []
     for i in enc:
-        x = tg.sequential_block(x, x0, model.weights(i), rope, None, max_len)
+        x = tg.sequential_block(x, x0, model.weights(i), attn)
         skips.append(x)
     lanes = None
     for j, i in enumerate(dec):
@@ -146,10 +136,10 @@ def records_hidden(model, ids):
             else:
                 lanes[0] = g * lanes[0] + (1 - g) * s
         if lanes is None:
-            x = tg.sequential_block(x, x0, model.weights(i), rope, None, max_len)
+            x = tg.sequential_block(x, x0, model.weights(i), attn)
         else:
             lanes = list(tg.parallel_block(*lanes, x0, model.weights(i), model.parallel_resid_lambdas[i],
-                                           model.parallel_post_lambdas[i], rope, None, max_len))
+                                           model.parallel_post_lambdas[i], attn))
     return 0.5 * (lanes[0] + lanes[1])
 
 
@@ -163,7 +153,7 @@ def test_parallel_lanes_follow_the_records_rule(depth):
     assert first_parallel < min(model.num_skips, len(enc)), "the first parallel layer must receive a skip"
     ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(model.hidden(ids), records_hidden(model, ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.hidden(ids, tg.Fwd(depth)), records_hidden(model, ids), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- attention backends
@@ -215,18 +205,16 @@ def test_dense_attention_is_causal_gqa_reference():
     assert (wrong - out).abs().max() > 1e-2
 
 
-@pytest.mark.skipif(REAL_BACKEND == "sdpa", reason="only the SDPA fallback exists on CPU (FA3, flex and torch varlen_attn run on CUDA)")
-def test_fast_varlen_backend_matches_reference(monkeypatch):
-    for name, value in REAL_KERNELS.items():
-        monkeypatch.setattr(tg, name, value)
+@pytest.mark.skipif(FAST_VARLEN is None, reason="FA3 and torch's varlen_attn run on CUDA only")
+def test_fast_varlen_backend_matches_reference():
     dev = torch.device("cuda")
     tokens = [1] + [5] * 40 + [1] + [6] * 30 + [1] + [7] * 57
     T = len(tokens)
     cu = tg.cu_seqlens_for(tokens, 32, bucket=64)
     q, k, v = qkv(T, H=8, KV=4, D=64)
-    out = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), cu.to(dev), 32).float().cpu()
+    out = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), cu.to(dev), 32, FAST_VARLEN).float().cpu()
     torch.testing.assert_close(out, reference_attention(q, k, v, segments_of(cu, T)), atol=3e-2, rtol=3e-2)
-    dense = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), None, T).float().cpu()
+    dense = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), None, T, FAST_VARLEN).float().cpu()
     torch.testing.assert_close(dense, reference_attention(q, k, v, torch.zeros(T, dtype=torch.long)), atol=3e-2, rtol=3e-2)
 
 
@@ -300,9 +288,8 @@ def test_model_on_flex_equals_sdpa_path(monkeypatch):
     assert len(ids) % tg.FLEX_BLOCK
     cu = tg.cu_seqlens_for(ids.numpy(), 64, bucket=16)
     ref = logits(model, ids[None], cu)
-    monkeypatch.setattr(tg, "USE_FLEX", True)
-    monkeypatch.setattr(tg, "_flex", flex_attention)
-    out = logits(model, ids[None], cu)
+    monkeypatch.setattr(tg, "_flex", flex_attention)  # eager on CPU
+    out = logits(tiny_model(depth=3, attn_backend="flex"), ids[None], cu)  # the same weights, the flex backend
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
@@ -316,15 +303,15 @@ def test_layer_plan_matches_spec_lists_for_default_config():
     assert tg.layer_plan(h, 1) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
     assert tg.layer_plan(h, 3) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
     assert tg.layer_plan(h, 4) == ([0, 1, 2, 3, 4, 5, 3, 4, 5, 3], [4, 5, 3, 4, 5, 6, 7, 8, 9, 10])
-    assert h.loop_depth_on == 3
+    assert h.depth_schedule == ((0.0, 1), (1 / 3, 3), (2 / 3, 4))
 
 
 def test_loop_depth_curriculum_equal_thirds():
     h = make_h(train_loop_phase_depths="1,3,4", train_loop_phase_fractions="")
-    assert h.train_depths == [1, 3, 4]
+    assert h.train_loop_phase_depths == (1, 3, 4)
     for frac, depth in [(0.0, 1), (0.2, 1), (0.333, 1), (1 / 3 + 1e-9, 3), (0.5, 3), (0.666, 3), (2 / 3 + 1e-9, 4), (0.9, 4), (1.0, 4), (1.2, 4)]:
         assert tg.loop_depth_at(frac, h) == depth, frac
-    h.enable_looping_at = 0.05  # ignored in phased mode
+    h = make_h(train_loop_phase_depths="1,3,4", enable_looping_at=0.05)  # ignored in phased mode
     assert tg.loop_depth_at(0.1, h) == 1
 
 
@@ -337,7 +324,7 @@ def test_loop_depth_curriculum_with_fractions():
 
 def test_loop_depth_enable_looping_at_when_no_phase_depths():
     h = make_h(train_loop_phase_depths="", enable_looping_at=0.35)
-    assert h.train_depths == []
+    assert h.train_loop_phase_depths == () and h.depth_schedule == ((0.0, 1), (0.35, 3))
     assert [tg.loop_depth_at(f, h) for f in (0.0, 0.34, 0.35, 0.6, 1.0)] == [1, 1, 3, 3, 3]
     h = make_h(train_loop_phase_depths="", num_loops=3, enable_looping_at=0.5)
     assert [tg.loop_depth_at(f, h) for f in (0.49, 0.5)] == [1, 4]

@@ -25,8 +25,9 @@ TRAIN_GPT = str(REPO / "train_gpt.py")
 def test_empty_train_loop_phase_depths_env_selects_enable_looping_at():
     """TRAIN_LOOP_PHASE_DEPTHS= (empty) must switch the curriculum off (records A/B: looping on at
     ENABLE_LOOPING_AT), not silently fall back to the default 1,3,4."""
-    code = ("import train_gpt as tg; h = tg.Hyperparameters(); "
-            "print(h.train_depths, [tg.loop_depth_at(f, h) for f in (0.3, 0.5)], tg._ints(h.train_loop_prewarm_depths))")
+    code = ("import train_gpt as tg; h = tg.Hyperparameters.from_env(); "
+            "print(list(h.train_loop_phase_depths), [tg.loop_depth_at(f, h) for f in (0.3, 0.5)], "
+            "list(h.train_loop_prewarm_depths))")
     env = dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="", TRAIN_LOOP_PREWARM_DEPTHS="", ENABLE_LOOPING_AT="0.4")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -34,6 +35,26 @@ def test_empty_train_loop_phase_depths_env_selects_enable_looping_at():
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="1,4", ENABLE_LOOPING_AT="0.4"),
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "[1, 4] [1, 4] [3, 4]", r.stderr
+
+
+def test_record_env_names_we_do_not_read_are_warned_about(monkeypatch):
+    """A record's command line sets e.g. PHASED_TTT_ENABLED=1, which this script does not read: say so."""
+    monkeypatch.setenv("PHASED_TTT_ENABLED", "1")
+    monkeypatch.delenv("SMEAR_GATE_ENABLED", raising=False)
+    lines = tg.record_env_warnings()
+    assert any(l.startswith("warning: PHASED_TTT_ENABLED is set but not read") for l in lines)
+    assert not any("SMEAR_GATE_ENABLED" in l for l in lines)
+
+
+def test_config_is_one_frozen_documented_object():
+    """Every field has its one-line doc; nothing changes after construction; from_env's overrides win."""
+    import dataclasses
+    fields = [f for f in dataclasses.fields(tg.Hyperparameters) if f.init]
+    assert len(fields) > 100 and all(f.metadata.get("doc") for f in fields)
+    h = tg.Hyperparameters.from_env(num_layers=5)
+    assert h.num_layers == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.num_layers = 6
 
 
 # ----------------------------------------------------------------------------- Newton-Schulz and Muon
@@ -325,9 +346,8 @@ def test_train_loader_rank_slices_of_one_global_span(tmp_path, monkeypatch):
     a, b = train_shards(tmp_path)
     batches = {}
     for rank in (0, 1):
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("RANK", str(rank))
-        h = make_h(data_path=str(tmp_path), train_batch_tokens=64, grad_accum_override=1, train_seq_len=16)
+        h = make_h(data_path=str(tmp_path), train_batch_tokens=64, grad_accum_steps=1, train_seq_len=16, world_size=2,
+                   rank=rank)
         assert (h.world_size, h.rank, h.micro_batch_tokens) == (2, rank, 32)
         loader = tg.TrainLoader(h, torch.device("cpu"))
         batches[rank] = [loader.next_batch() for _ in range(6)]
@@ -349,15 +369,13 @@ def test_train_loader_rank_slices_of_one_global_span(tmp_path, monkeypatch):
 
 
 def test_train_loader_wraps_and_refuses_tiny_shards(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "0")
     a, b = train_shards(tmp_path)
-    h = make_h(data_path=str(tmp_path), train_batch_tokens=127, grad_accum_override=1, train_seq_len=127)
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=127, grad_accum_steps=1, train_seq_len=127)
     loader = tg.TrainLoader(h, torch.device("cpu"))
     firsts = [loader.next_batch()[0][:2].tolist() for _ in range(4)]
     # row 128: shard 0 gives spans at 7, 135 (263 does not fit), shard 1 one at 3, then back to shard 0 at 7
     assert firsts == [a[7:9].tolist(), a[135:137].tolist(), b[3:5].tolist(), a[7:9].tolist()]
-    h = make_h(data_path=str(tmp_path), train_batch_tokens=400, grad_accum_override=1, train_seq_len=16)
+    h = make_h(data_path=str(tmp_path), train_batch_tokens=400, grad_accum_steps=1, train_seq_len=16)
     with pytest.raises(tg.DataError, match="no training shard holds 401 tokens"):
         tg.TrainLoader(h, torch.device("cpu"))
 
@@ -417,10 +435,11 @@ def test_failing_rank_ends_the_run_instead_of_hanging(prepared_data, tmp_path):
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import train_gpt as tg\n"
         "real = tg.training_step\n"
-        "def step(model, opt, loader, h, device, i, frac):\n"
+        "def step(*args):\n"
+        "    h, i = next(a for a in args if isinstance(a, tg.Hyperparameters)), next(a for a in args if type(a) is int)\n"
         "    if h.rank == 1 and i == 2:\n"
         "        raise RuntimeError('injected rank-1 failure')\n"
-        "    return real(model, opt, loader, h, device, i, frac)\n"
+        "    return real(*args)\n"
         "tg.training_step = step\n"
         "tg.main()\n")
     env = tiny_env(prepared_data, ITERATIONS=50, WARMUP_STEPS=0, TTT_ENABLED=0, ARTIFACT_DIR=tmp_path, DIST_TIMEOUT_SECONDS=600)
@@ -467,7 +486,7 @@ def test_seed_reproducibility(small_val_data, tmp_path):
 # ----------------------------------------------------------------------------- warm-up and in-loop validation
 
 TINY_TRAIN = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-                  parallel_start_layer=3, xsa_last_n=4, train_batch_tokens=512, grad_accum_override=1,
+                  parallel_start_layer=3, xsa_last_n=4, train_batch_tokens=512, grad_accum_steps=1,
                   train_seq_len=128, eval_seq_len=128, compile=False, warmup_steps=3, train_loop_prewarm_depths="3")
 
 
@@ -482,9 +501,8 @@ def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
     model = tg.build_model(h, cpu)
     fresh = copy.deepcopy(model)
     opt = tg.Optimizers(model, h)
-    tg.warmup(model, opt, h, cpu, lambda msg: None)
+    tg.warmup(model, opt, h, cpu, lambda msg: None, tg.EAGER)
     fresh_opt = tg.Optimizers(fresh, h)
-    assert model.depth == 1
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     (adam, muon), (adam0, muon0) = opt.state_dict(), fresh_opt.state_dict()
@@ -496,7 +514,7 @@ def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
     assert all(torch.equal(m, m0) for m, m0 in zip(muon, muon0))
     for m, o in ((model, opt), (fresh, fresh_opt)):
         for step in range(2):
-            tg.training_step(m, o, FixedBatches(h, prepared_data), h, cpu, step, 0.5)
+            tg.training_step(m, o, FixedBatches(h, prepared_data), h, cpu, step, 0.5, tg.Fwd(3))
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -512,25 +530,20 @@ class FixedBatches:
         return self.batch
 
 
-def test_in_loop_validation_runs_at_the_eval_depth(prepared_data):
-    """The records log `step/iterations val_loss` at EVAL_LOOP_DEPTH; training depth is restored afterwards."""
+def test_in_loop_validation_runs_at_the_eval_depth(prepared_data, monkeypatch):
+    """The records log `step/iterations val_loss` at EVAL_LOOP_DEPTH, whatever depth training is at."""
     cpu = torch.device("cpu")
-    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN, eval_loop_depth=3)
-    import sentencepiece as spm
-    val = tg.load_val(h, spm.SentencePieceProcessor(model_file=h.tokenizer_path))
-    val = tg.ValData(val.tokens[: 4 * 128 + 1], val.bytes[: 4 * 128 + 1], val.source)
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data),
+               **{**TINY_TRAIN, "warmup_steps": 0}, eval_loop_depth=3, iterations=2, val_loss_every=1)
+    val = tg.ValData(torch.full((129,), 5), torch.ones(129, dtype=torch.int32), "test")
+    val.tokens[0] = tg.BOS_ID
+    seen, train_depths = [], []
+    real_val, real_step = tg.eval_val, tg.training_step
+    monkeypatch.setattr(tg, "eval_val", lambda *a: seen.append(a[-1].depth) or real_val(*a))
+    monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[-1].depth) or real_step(*a))
     torch.manual_seed(0)
-    model = tg.build_model(h, cpu)
-    with torch.no_grad():  # trained-looking weights: at the zero init every depth gives the same loss
-        for p in (model.qo_bank, model.mlp_down_bank):
-            p.add_(0.05 * torch.randn_like(p))
-    model.depth = 1
-    got = tg.eval_in_loop(model, val, h, cpu)
-    assert model.depth == 1
-    at1 = tg.eval_val(model, val, h, cpu)
-    model.depth = 3
-    at3 = tg.eval_val(model, val, h, cpu)
-    assert got == at3 and abs(at1[0] - at3[0]) > 1e-4
+    tg.train(tg.build_model(h, cpu), h, cpu, lambda msg: None, val, tg.EAGER)
+    assert train_depths == [1, 1] and seen == [3, 3, 3]
 
 
 # ----------------------------------------------------------------------------- behaviour kept across refactors
