@@ -345,6 +345,171 @@ class TrainLoader:
         return tuple(t.to(self.device, non_blocking=True) for t in item)
 
 
+# ----------------------------------------------------------------------------- KERNELS
+# Two fused Triton kernels for CUDA training and eval, each behind a torch.library custom op (opaque to
+# torch.compile, with a fake impl and autograd) whose torch path runs off CUDA and states the math:
+#   mlp_up: leaky_relu(x @ w.T, 0.5)^2 in the matmul's epilogue (the pre-activation never reaches memory);
+#   softcap_ce: softcap*tanh + logsumexp + target NLL per row of bf16 logits, and d logits written directly in
+#   the logits' dtype (no fp32 [tokens, vocab] tensor). FUSED_MLP=0 / FUSED_CE=0 restore the plain expressions.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+_KERNELS_ON = torch.cuda.is_available() and triton is not None
+FUSED_MLP = _KERNELS_ON and os.environ.get("FUSED_MLP", "1") != "0"
+FUSED_CE = _KERNELS_ON and os.environ.get("FUSED_CE", "1") != "0"
+
+
+def kernel_ok(x):
+    """Where the call sites take the fused ops: CUDA bf16 activations (tests patch this to run the torch paths)."""
+    return x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled())
+
+
+if triton is not None:
+    # Key on N, K only: TTT changes the row count every chunk and must not re-tune each time.
+    @triton.autotune([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns) for m, n, k, nw, ns in
+                      ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                       (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))], key=["N", "K"])
+    @triton.jit
+    def _mlp_up_kernel(x, w, hid, neg, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        nb = tl.cdiv(N, BN)
+        pm, pn = tl.program_id(0) // nb, tl.program_id(0) % nb  # neighbours share the x tile; w stays in L2
+        rm, rn, rk = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
+        xp = x + (rm % M)[:, None] * K + rk[None]  # edge rows/cols wrap instead of masking; their stores are masked
+        wp = w + (rn % N)[None] * K + rk[:, None]
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k in range(0, K, BK):
+            acc = tl.dot(tl.load(xp, mask=rk[None] < K - k, other=0.0), tl.load(wp, mask=rk[:, None] < K - k, other=0.0), acc)
+            xp += BK
+            wp += BK
+        act = tl.where(acc > 0, acc, 0.5 * acc)
+        out = rm.to(tl.int64)[:, None] * N + rn[None]
+        ok = (rm[:, None] < M) & (rn[None] < N)
+        tl.store(hid + out, (act * act).to(hid.dtype.element_ty), mask=ok)
+        tl.store(neg + out, acc < 0, mask=ok)
+
+    @triton.jit
+    def _tanh(u):
+        return 2 * tl.sigmoid(2 * u) - 1
+
+    @triton.autotune([triton.Config({}, num_warps=nw) for nw in (4, 8, 16)], key=["V"])
+    @triton.jit
+    def _ce_fwd_kernel(z, tgt, loss, lse, V, cap, BV: tl.constexpr):
+        row, c = tl.program_id(0).to(tl.int64), tl.arange(0, BV)  # one row per program: the vocabulary fits in registers
+        zc = cap * _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) / cap)
+        zc = tl.where(c < V, zc, -float("inf"))
+        m = tl.max(zc, 0)
+        s = m + tl.log(tl.sum(tl.exp(zc - m), 0))
+        tl.store(loss + row, s - tl.sum(tl.where(c == tl.load(tgt + row), zc, 0.0), 0))
+        tl.store(lse + row, s)
+
+    @triton.autotune([triton.Config({}, num_warps=nw) for nw in (4, 8, 16)], key=["V"])
+    @triton.jit
+    def _ce_bwd_kernel(z, tgt, lse, g, dz, V, cap, BV: tl.constexpr):
+        row, c = tl.program_id(0).to(tl.int64), tl.arange(0, BV)
+        t = _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) / cap)
+        p = tl.exp(cap * t - tl.load(lse + row))  # softmax, recomputed from the logits and the saved logsumexp
+        d = (p - (c == tl.load(tgt + row)).to(tl.float32)) * tl.load(g + row) * (1 - t * t)
+        tl.store(dz + row * V + c, d.to(dz.dtype.element_ty), mask=c < V)
+
+
+def _mlp_up_triton(x, w):
+    x, w = x.contiguous(), w.contiguous()
+    (M, K), N = x.shape, w.size(0)
+    hid, neg = x.new_empty(M, N), torch.empty(M, N, dtype=torch.bool, device=x.device)
+    _mlp_up_kernel[lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)](x, w, hid, neg, M, N, K)
+    return hid, neg
+
+
+def _ce_fwd_triton(z, targets, softcap):
+    z = z.contiguous()
+    loss, lse = (torch.empty(z.size(0), dtype=torch.float32, device=z.device) for _ in range(2))
+    _ce_fwd_kernel[(z.size(0),)](z, targets.contiguous(), loss, lse, z.size(1), softcap, triton.next_power_of_2(z.size(1)))
+    return loss, lse
+
+
+def _ce_bwd_triton(z, targets, lse, g, softcap):
+    z, dz = z.contiguous(), torch.empty_like(z, memory_format=torch.contiguous_format)
+    _ce_bwd_kernel[(z.size(0),)](z, targets.contiguous(), lse, g.float().contiguous(), dz, z.size(1), softcap,
+                                 triton.next_power_of_2(z.size(1)))
+    return dz
+
+
+@torch.library.custom_op("pgolf::mlp_up", mutates_args=())
+def mlp_up(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaky_relu(x @ w.T, 0.5)^2, x @ w.T < 0) for x [M, K], w [N, K]. The sign mask (1 byte) and hid, which
+    the down projection keeps anyway, are all the backward needs: |pre| = sqrt(hid) (x2 where pre < 0)."""
+    if x.is_cuda and triton is not None:
+        return _mlp_up_triton(x, w)
+    pre = F.linear(x, w)
+    return F.leaky_relu(pre, 0.5).square(), pre < 0
+
+
+@mlp_up.register_fake
+def _(x, w):
+    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0), dtype=torch.bool)
+
+
+def _mlp_up_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _mlp_up_bwd(ctx, g, _):
+    x, w, hid, neg = ctx.saved_tensors
+    # f(p) = p^2 (p > 0), p^2/4 (p < 0): f'(p) = 2p = 2 sqrt(f), p/2 = -sqrt(f)
+    f = torch.promote_types(x.dtype, torch.float32)
+    d = (g.to(f) * hid.to(f).sqrt() * torch.where(neg, -1.0, 2.0)).to(x.dtype)
+    return d @ w, d.t() @ x
+
+
+mlp_up.register_autograd(_mlp_up_bwd, setup_context=_mlp_up_setup)
+
+
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, logsumexp) per row of the softcapped logits softcap*tanh(z/softcap), z [M, V] in any float dtype,
+    targets [M]; both fp32."""
+    if z.is_cuda and triton is not None:
+        return _ce_fwd_triton(z, targets, softcap)
+    zc = softcap * torch.tanh(z.float() / softcap)
+    return F.cross_entropy(zc, targets, reduction="none"), zc.logsumexp(-1)
+
+
+@softcap_ce.register_fake
+def _(z, targets, softcap):
+    return tuple(z.new_empty(z.size(0), dtype=torch.float32) for _ in range(2))
+
+
+@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
+def softcap_ce_bwd(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, softcap: float) -> torch.Tensor:
+    """d loss / d z = (softmax - onehot) * (1 - tanh^2) * g per row, in z's dtype."""
+    if z.is_cuda and triton is not None:
+        return _ce_bwd_triton(z, targets, lse, g, softcap)
+    t = torch.tanh(z.float() / softcap)
+    p = torch.exp(softcap * t - lse[:, None]) - F.one_hot(targets, z.size(1))
+    return (p * g[:, None] * (1 - t * t)).to(z.dtype)
+
+
+@softcap_ce_bwd.register_fake
+def _(z, targets, lse, g, softcap):
+    return torch.empty_like(z)
+
+
+def _softcap_ce_setup(ctx, inputs, output):
+    ctx.softcap = inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _softcap_ce_bwd(ctx, g, _):
+    z, targets, lse = ctx.saved_tensors
+    return softcap_ce_bwd(z, targets, lse, g, ctx.softcap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_bwd, setup_context=_softcap_ce_setup)
+
+
 # ----------------------------------------------------------------------------- MODEL
 
 
@@ -502,7 +667,11 @@ def attention(a, w: BlockWeights, rope, cu, max_len, lora, cap):
 
 
 def mlp(a, w: BlockWeights, lora, cap):
-    hid = F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square()
+    if FUSED_MLP and cap is None and kernel_ok(a):  # the GPTQ hook sees mlp.fc's input on the plain path
+        dt = torch.bfloat16 if torch.is_autocast_enabled() else a.dtype
+        hid = mlp_up(a.flatten(0, -2).to(dt), w.up.to(dt))[0].view(*a.shape[:-1], -1)
+    else:
+        hid = F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square()
     out = linear(hid, w.down, None, cap, "mlp.proj")
     if lora is not None and lora.mlp is not None:
         out = out + lora_delta(a, lora.mlp).to(out.dtype)
@@ -690,16 +859,20 @@ class GPT(nn.Module):
             raise RuntimeError(f"artifact does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def softcap_logits(hid, emb, head_lora, softcap):
+def head_logits(hid, emb, head_lora):
     n = rms(hid)
     z = F.linear(n, emb.to(n.dtype))
-    if head_lora is not None:
-        z = z + lora_delta(n, head_lora).to(z.dtype)
-    return softcap * torch.tanh(z.float() / softcap)
+    return z if head_lora is None else z + lora_delta(n, head_lora).to(z.dtype)
+
+
+def softcap_logits(hid, emb, head_lora, softcap):
+    return softcap * torch.tanh(head_logits(hid, emb, head_lora).float() / softcap)
 
 
 def head_losses(hid, emb, targets, head_lora, softcap):
     """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries."""
+    if FUSED_CE and kernel_ok(hid):
+        return softcap_ce(head_logits(hid, emb, head_lora).flatten(0, -2), targets.flatten(), softcap)[0].view(targets.shape)
     z = softcap_logits(hid, emb, head_lora, softcap)
     return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
@@ -1655,7 +1828,7 @@ def main():
     for k, v in h.public().items():
         log(f"  {k}: {v}")
     log(f"torch_version: {torch.__version__}")
-    log(f"attn_backend:{ATTN_BACKEND}")
+    log(f"attn_backend:{ATTN_BACKEND} fused_mlp:{int(FUSED_MLP)} fused_ce:{int(FUSED_CE)}")
     log(f"world_size:{h.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_tokens:{h.micro_batch_tokens}")
     sp = load_tokenizer(h)
     log(data_transform_line(h, sp))
