@@ -2,6 +2,7 @@
 
     python3 bench.py                      # throughput + attention backends, appended to docs/BENCHMARKS.md
     python3 bench.py --e2e-docs FILE      # + prepare FILE (500 val docs), train for --e2e-seconds, quantize, TTT-eval
+    python3 bench.py --sections kernels   # fused MLP / CE kernels: equivalence, timing, training and TTT on vs off
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 """
@@ -156,6 +157,188 @@ def bench_ttt(tg):
     return rows
 
 
+def bench_kernels(tg, steps, combos):
+    """train_gpt.py's fused kernels (FUSED_MLP, FUSED_CE) against the plain expressions on random bf16 data at the
+    training shapes (49,152 tokens x 512 -> 2,048; logits 49,152 x 8,192): relative error of outputs and gradients
+    against an fp32 (MLP) / fp64 (loss) reference beside the plain bf16 path's own, median fwd+bwd ms eager and
+    compiled, peak memory; then compiled training steps (depth 1, 98,304 tokens) and the TTT loop per flag pair."""
+    import copy
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    dev, M, d, V, cap = torch.device("cuda"), 49152, 512, 8192, 30.0
+    saved = tg.FUSED_MLP, tg.FUSED_CE
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def timed(fn, leaves, g):
+        def fwd_bwd():
+            with bf16():
+                out = fn(*leaves)
+            out.backward(g)
+            return out
+
+        def fwd():
+            with torch.no_grad(), bf16():
+                return fn(*leaves)
+
+        for t in leaves:
+            t.grad = None
+        out = fwd_bwd().detach()
+        grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = do_bench(fwd_bwd, grad_to_none=leaves, return_mode="median")
+        return [out] + grads, ms, do_bench(fwd, return_mode="median"), mem
+
+    def compare(name, make_fn, flag, leaves, g, ref):
+        rows = []
+        for fused in (False, True):
+            for compiled in (False, True):
+                setattr(tg, flag, fused)
+                torch._dynamo.reset()
+                fn = torch.compile(make_fn(), dynamic=False, fullgraph=True) if compiled else make_fn()
+                vals, ms, ms_fwd, mem = timed(fn, leaves, g)
+                rows.append(f"| {name} | {'fused' if fused else 'plain'} | {'compiled' if compiled else 'eager'} | "
+                            f"{ms:.3f} | {ms_fwd:.3f} | {mem:.2f} | " + " / ".join(f"{rel(v, r):.1e}" for v, r in zip(vals, ref)) + " |")
+                print(rows[-1], flush=True)
+        return rows
+
+    lines = ["", "Fused kernels (train_gpt.py KERNELS; errors: output / input grads against the fp32-fp64 reference on the same "
+             "bf16 operands):", "", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |",
+             "|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    a = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    up = (torch.randn(4 * d, d, device=dev) / d**0.5).requires_grad_()
+    down = (torch.randn(d, 4 * d, device=dev) / (4 * d) ** 0.5).requires_grad_()
+    g = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16)
+    r = [t.detach().bfloat16().float().requires_grad_() for t in (a, up, down)]
+    out = F.linear(F.leaky_relu(F.linear(r[0], r[1]), 0.5).square(), r[2])
+    out.backward(g.float())
+    ref = [out.detach()] + [t.grad for t in r]
+    blk = lambda u, w: tg.BlockWeights(None, None, None, None, u, w, None, None, None, None, None, None, False)
+    lines += compare("MLP up+act+down", lambda: lambda a, u, w: tg.mlp(a, blk(u, w), None, None), "FUSED_MLP", [a, up, down], g, ref)
+    x2, u2 = a.detach()[0], up.detach().bfloat16()
+    t_mm = do_bench(lambda: F.linear(x2, u2), return_mode="median")
+    t_up = do_bench(lambda: tg.mlp_up(x2, u2), return_mode="median")
+    hid, neg = tg.mlp_up(x2, u2)
+    pre = F.linear(x2.float(), u2.float())
+    lines += ["", f"mlp_up kernel alone: {t_up:.3f} ms ({2 * M * d * 4 * d / t_up / 1e9:.0f} TFLOP/s; cuBLAS matmul alone "
+              f"{t_mm:.3f} ms); best config {tg._mlp_up_kernel.best_config}; hid rel. error {rel(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
+              f"sign mismatches {(neg != (pre < 0)).sum().item()} (|pre| < 1e-3 there: {bool(((neg != (pre < 0)) <= (pre.abs() < 1e-3)).all())})", ""]
+    del r, out, ref, hid, neg, pre
+    hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    emb = (torch.randn(V, d, device=dev) * 0.35).bfloat16().requires_grad_()  # logits ~ N(0, 8^2): some saturate
+    tgt = torch.randint(0, V, (1, M), device=dev)
+    gl = torch.rand(1, M, device=dev) / M
+    z = F.linear(tg.rms(hidden.detach().double()), emb.detach().double()).bfloat16().double().requires_grad_()
+    loss = F.cross_entropy(cap * torch.tanh(z[0] / cap), tgt[0], reduction="none")[None]
+    loss.backward(gl.double())
+    zr = z.detach().bfloat16().requires_grad_()
+    lines += ["| op | path | | loss rel. error | d logits rel. error |", "|---|---|---|---|---|"]
+    for name, f in (("plain", lambda z: F.cross_entropy(cap * torch.tanh(z[0].float() / cap), tgt[0], reduction="none")),
+                    ("fused", lambda z: tg.softcap_ce(z[0], tgt[0], cap)[0])):
+        zr.grad = None
+        l = f(zr)[None]
+        l.backward(gl)
+        lines.append(f"| softcap CE on fixed bf16 logits | {name} | | {rel(l, loss):.1e} | {rel(zr.grad, z.grad):.1e} |")
+    del z, zr, loss
+    lines += ["", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |", "|---|---|---|---|---|---|---|"]
+    with torch.no_grad():
+        ref = [F.cross_entropy(tg.softcap_logits(hidden.float(), emb.float(), None, cap)[0], tgt[0], reduction="none")[None]]
+    hd = hidden.detach().float().requires_grad_()
+    ed = emb.detach().float().requires_grad_()
+    l = F.cross_entropy(tg.softcap_logits(hd, ed, None, cap)[0], tgt[0], reduction="none")[None]
+    l.backward(gl)
+    ref += [hd.grad, ed.grad]
+    del hd, ed, l
+    lines += compare("head (rms, tied matmul, softcap CE)", lambda: lambda h, e: tg.head_losses(h, e, tgt, None, cap), "FUSED_CE",
+                     [hidden, emb], gl, ref)
+    del hidden, emb, ref
+    torch.cuda.empty_cache()
+
+    h = tg.Hyperparameters()
+    h.grad_accum_steps, h.micro_batch_tokens = 1, h.train_batch_tokens // 8
+    T = h.micro_batch_tokens
+    toks = synthetic_docs(T, h.vocab_size).to(dev)
+    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
+    lines += ["", f"| FUSED_MLP, FUSED_CE | compiled training step, depth 1 ({T:,} tok) ms | tok/s | peak GiB | "
+              "first step (compile) s | loss | max rel. grad diff vs first row |", "|---|---|---|---|---|---|---|"]
+    first = None
+    for combo in combos:
+        tg.FUSED_MLP, tg.FUSED_CE = (c == "1" for c in combo)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tg.build_model(h, dev)
+        with torch.no_grad():  # trained-looking weights: the zero-initialised projections would hide the MLP
+            for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
+                p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
+        opt = tg.Optimizers(model, h)
+        t0 = time.perf_counter()
+        with tg.autocast(dev):
+            loss = model(toks[None, :-1], toks[None, 1:], cu)
+        loss.backward()
+        grads = [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        first = first or grads
+        diff = max(rel(a, b) for a, b in zip(grads, first) if b.norm() > 0)
+
+        def step():
+            with tg.autocast(dev):
+                l = model(toks[None, :-1], toks[None, 1:], cu)
+            l.backward()
+            opt.step(0, 0.0)
+
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time_ms(step, iters=steps)
+        lines.append(f"| {combo[0]}, {combo[1]} | {ms:.1f} | {T / ms * 1000:,.0f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
+                     f"{compile_s:.0f} | {loss.item():.4f} | {diff:.1e} |")
+        print(lines[-1], flush=True)
+        del model, opt, grads
+        torch.cuda.empty_cache()
+    del first
+
+    torch.manual_seed(0)
+    base = tg.build_model(h, dev)
+    with torch.no_grad():
+        for p in (base.qo_bank, base.kv_bank, base.mlp_up_bank, base.mlp_down_bank):
+            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
+    base.depth = h.eval_loop_depth
+    base.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    lens = rng.integers(60, 700, 16)
+    toks = synthetic_docs(int(lens.sum()) + 1, h.vocab_size, mean_doc=10**9).to(dev)
+    starts = np.cumsum([0, *lens[:-1]])
+    toks[torch.from_numpy(starts).to(dev)] = tg.BOS_ID
+    docs = [tg.Doc(int(s), int(n)) for s, n in zip(starts, lens)]
+    lines += ["", f"| TTT loop (depth {h.eval_loop_depth}, 16 docs of 60-700 tokens) | s | nll/token | rel. diff vs plain eager |",
+              "|---|---|---|---|"]
+    plain = None
+    for name, fused, compiled in (("plain eager", False, False), ("fused eager", True, False), ("fused compiled (dynamic rows)", True, True)):
+        tg.FUSED_MLP = tg.FUSED_CE = fused
+        torch._dynamo.reset()
+        m = copy.deepcopy(base)
+        if compiled:
+            tg.compile_lora_fns(m)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sums = tg.ttt_batch(m, toks, torch.ones_like(toks), docs, h, dev, torch.Generator(device=dev).manual_seed(0))
+        torch.cuda.synchronize()
+        nll = (sums[0] / sums[1]).item()
+        plain = plain or nll
+        lines.append(f"| {name} | {time.perf_counter() - t0:.1f} | {nll:.5f} | {abs(nll - plain) / plain:.1e} |")
+        print(lines[-1], flush=True)
+    tg.FUSED_MLP, tg.FUSED_CE = saved
+    return lines
+
+
 def run_e2e(args, log_dir):
     data = os.path.join(args.work, "data")
     if not os.path.isdir(os.path.join(data, "datasets")):
@@ -183,7 +366,8 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt")
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels")
+    ap.add_argument("--kernel-combos", default="00,11", help="kernels: FUSED_MLP/FUSED_CE pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
     ap.add_argument("--val-docs", type=int, default=500)
@@ -213,6 +397,8 @@ def main():
         lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
     emit(lines, args.out)
+    if "kernels" in sections:
+        emit(bench_kernels(tg, args.steps, args.kernel_combos.split(",")), args.out)
     if "ttt" in sections:
         lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
                  "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
