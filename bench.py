@@ -157,17 +157,27 @@ def bench_ttt(tg):
     return rows
 
 
-def bench_kernels(tg, steps, combos):
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_banks(model):
+    """Trained-looking matrices: the zero-initialised output and down projections would hide attention and MLP."""
+    with torch.no_grad():
+        for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
+            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
+    return model
+
+
+def bench_kernel_ops(tg):
     """train_gpt.py's fused kernels (FUSED_MLP, FUSED_CE) against the plain expressions on random bf16 data at the
     training shapes (49,152 tokens x 512 -> 2,048; logits 49,152 x 8,192): relative error of outputs and gradients
     against an fp32 (MLP) / fp64 (loss) reference beside the plain bf16 path's own, median fwd+bwd ms eager and
-    compiled, peak memory; then compiled training steps (depth 1, 98,304 tokens) and the TTT loop per flag pair."""
-    import copy
+    compiled, peak memory."""
     import torch.nn.functional as F
     from triton.testing import do_bench
     dev, M, d, V, cap = torch.device("cuda"), 49152, 512, 8192, 30.0
     saved = tg.FUSED_MLP, tg.FUSED_CE
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
     def timed(fn, leaves, g):
@@ -205,11 +215,11 @@ def bench_kernels(tg, steps, combos):
                 fn = torch.compile(make_fn(), dynamic=False, fullgraph=True) if compiled else make_fn()
                 vals, ms, ms_fwd, mem = timed(fn, leaves, g)
                 rows.append(f"| {name} | {'fused' if fused else 'plain'} | {'compiled' if compiled else 'eager'} | "
-                            f"{ms:.3f} | {ms_fwd:.3f} | {mem:.2f} | " + " / ".join(f"{rel(v, r):.1e}" for v, r in zip(vals, ref)) + " |")
+                            f"{ms:.3f} | {ms_fwd:.3f} | {mem:.2f} | " + " / ".join(f"{rel_err(v, r):.1e}" for v, r in zip(vals, ref)) + " |")
                 print(rows[-1], flush=True)
         return rows
 
-    lines = ["", "Fused kernels (train_gpt.py KERNELS; errors: output / input grads against the fp32-fp64 reference on the same "
+    lines = ["Fused kernels (train_gpt.py KERNELS; errors: output / input grads against the fp32-fp64 reference on the same "
              "bf16 operands):", "", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |",
              "|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
@@ -229,7 +239,7 @@ def bench_kernels(tg, steps, combos):
     hid, neg = tg.mlp_up(x2, u2)
     pre = F.linear(x2.float(), u2.float())
     lines += ["", f"mlp_up kernel alone: {t_up:.3f} ms ({2 * M * d * 4 * d / t_up / 1e9:.0f} TFLOP/s; cuBLAS matmul alone "
-              f"{t_mm:.3f} ms); best config {tg._mlp_up_kernel.best_config}; hid rel. error {rel(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
+              f"{t_mm:.3f} ms); best config {tg._mlp_up_kernel.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
               f"sign mismatches {(neg != (pre < 0)).sum().item()} (|pre| < 1e-3 there: {bool(((neg != (pre < 0)) <= (pre.abs() < 1e-3)).all())})", ""]
     del r, out, ref, hid, neg, pre
     hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -246,7 +256,7 @@ def bench_kernels(tg, steps, combos):
         zr.grad = None
         l = f(zr)[None]
         l.backward(gl)
-        lines.append(f"| softcap CE on fixed bf16 logits | {name} | | {rel(l, loss):.1e} | {rel(zr.grad, z.grad):.1e} |")
+        lines.append(f"| softcap CE on fixed bf16 logits | {name} | | {rel_err(l, loss):.1e} | {rel_err(zr.grad, z.grad):.1e} |")
     del z, zr, loss
     lines += ["", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |", "|---|---|---|---|---|---|---|"]
     with torch.no_grad():
@@ -259,35 +269,45 @@ def bench_kernels(tg, steps, combos):
     del hd, ed, l
     lines += compare("head (rms, tied matmul, softcap CE)", lambda: lambda h, e: tg.head_losses(h, e, tgt, None, cap), "FUSED_CE",
                      [hidden, emb], gl, ref)
-    del hidden, emb, ref
-    torch.cuda.empty_cache()
+    lines += ["", f"softcap CE best configs: forward {tg._ce_fwd_kernel.best_config}, backward {tg._ce_bwd_kernel.best_config}"]
+    tg.FUSED_MLP, tg.FUSED_CE = saved
+    return lines
 
+
+def bench_kernel_training(tg, steps, combos, depth=1):
+    """Compiled training steps (one GPU's 98,304 tokens) per FUSED_MLP/FUSED_CE pair ("10" = MLP only): step time,
+    peak memory, and the first step's gradients against the plain eager path's (the "00" row's own difference is
+    compile's reordering of the bf16 arithmetic: the noise floor)."""
+    dev, saved = torch.device("cuda"), (tg.FUSED_MLP, tg.FUSED_CE)
     h = tg.Hyperparameters()
     h.grad_accum_steps, h.micro_batch_tokens = 1, h.train_batch_tokens // 8
     T = h.micro_batch_tokens
     toks = synthetic_docs(T, h.vocab_size).to(dev)
     cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
-    lines += ["", f"| FUSED_MLP, FUSED_CE | compiled training step, depth 1 ({T:,} tok) ms | tok/s | peak GiB | "
-              "first step (compile) s | loss | max rel. grad diff vs first row |", "|---|---|---|---|---|---|---|"]
-    first = None
-    for combo in combos:
-        tg.FUSED_MLP, tg.FUSED_CE = (c == "1" for c in combo)
+
+    def model_and_grads(compiled):
+        h.compile = compiled
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = tg.build_model(h, dev)
-        with torch.no_grad():  # trained-looking weights: the zero-initialised projections would hide the MLP
-            for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
-                p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
-        opt = tg.Optimizers(model, h)
-        t0 = time.perf_counter()
+        model = random_banks(tg.build_model(h, dev))
+        model.depth = depth
         with tg.autocast(dev):
             loss = model(toks[None, :-1], toks[None, 1:], cu)
         loss.backward()
-        grads = [p.grad.float().clone() for p in model.parameters() if p.grad is not None]
-        torch.cuda.synchronize()
+        return model, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    tg.FUSED_MLP = tg.FUSED_CE = False
+    ref = model_and_grads(False)[1]
+    lines = [f"| FUSED_MLP, FUSED_CE | compiled training step, depth {depth} ({T:,} tok) ms | tok/s | peak GiB | first step "
+             "(compile) s | grad rel. diff vs plain eager: matrices | worst parameter |", "|---|---|---|---|---|---|---|"]
+    for combo in combos:
+        tg.FUSED_MLP, tg.FUSED_CE = (c == "1" for c in combo)
+        t0 = time.perf_counter()
+        model, grads = model_and_grads(True)
         compile_s = time.perf_counter() - t0
-        first = first or grads
-        diff = max(rel(a, b) for a, b in zip(grads, first) if b.norm() > 0)
+        diff = {n: rel_err(grads[n], ref[n]) for n in ref if ref[n].norm() > 0}
+        worst = max(diff, key=diff.get)
+        opt = tg.Optimizers(model, h)
 
         def step():
             with tg.autocast(dev):
@@ -298,18 +318,24 @@ def bench_kernels(tg, steps, combos):
         step()
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_time_ms(step, iters=steps)
+        mats = max(v for n, v in diff.items() if n.endswith("_bank") or n == "tok_emb.weight")
         lines.append(f"| {combo[0]}, {combo[1]} | {ms:.1f} | {T / ms * 1000:,.0f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
-                     f"{compile_s:.0f} | {loss.item():.4f} | {diff:.1e} |")
+                     f"{compile_s:.0f} | {mats:.1e} | {diff[worst]:.1e} ({worst}) |")
         print(lines[-1], flush=True)
         del model, opt, grads
         torch.cuda.empty_cache()
-    del first
+    tg.FUSED_MLP, tg.FUSED_CE = saved
+    return lines
 
+
+def bench_kernel_ttt(tg):
+    """The TTT loop (LoRA forward/backward per 48-token chunk, rows and widths changing) on 16 short documents:
+    fused eager and fused compiled (compile_lora_fns, symbolic rows) against plain eager."""
+    import copy
+    dev, saved = torch.device("cuda"), (tg.FUSED_MLP, tg.FUSED_CE)
+    h = tg.Hyperparameters()
     torch.manual_seed(0)
-    base = tg.build_model(h, dev)
-    with torch.no_grad():
-        for p in (base.qo_bank, base.kv_bank, base.mlp_up_bank, base.mlp_down_bank):
-            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
+    base = random_banks(tg.build_model(h, dev))
     base.depth = h.eval_loop_depth
     base.requires_grad_(False)
     rng = np.random.default_rng(0)
@@ -318,7 +344,7 @@ def bench_kernels(tg, steps, combos):
     starts = np.cumsum([0, *lens[:-1]])
     toks[torch.from_numpy(starts).to(dev)] = tg.BOS_ID
     docs = [tg.Doc(int(s), int(n)) for s, n in zip(starts, lens)]
-    lines += ["", f"| TTT loop (depth {h.eval_loop_depth}, 16 docs of 60-700 tokens) | s | nll/token | rel. diff vs plain eager |",
+    lines = [f"| TTT loop (depth {h.eval_loop_depth}, 16 docs of 60-700 tokens) | s (with compile) | nll/token | rel. diff vs plain eager |",
               "|---|---|---|---|"]
     plain = None
     for name, fused, compiled in (("plain eager", False, False), ("fused eager", True, False), ("fused compiled (dynamic rows)", True, True)):
@@ -367,7 +393,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels")
-    ap.add_argument("--kernel-combos", default="00,11", help="kernels: FUSED_MLP/FUSED_CE pairs for the training rows")
+    ap.add_argument("--kernel-combos", default="00,10,01,11", help="kernels: FUSED_MLP/FUSED_CE pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
     ap.add_argument("--val-docs", type=int, default=500)
@@ -398,7 +424,9 @@ def main():
         lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
     emit(lines, args.out)
     if "kernels" in sections:
-        emit(bench_kernels(tg, args.steps, args.kernel_combos.split(",")), args.out)
+        for part in (lambda: bench_kernel_ops(tg), lambda: bench_kernel_training(tg, args.steps, args.kernel_combos.split(",")),
+                     lambda: bench_kernel_ttt(tg)):
+            emit([""] + part(), args.out)
     if "ttt" in sections:
         lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
                  "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]

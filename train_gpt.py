@@ -368,10 +368,11 @@ def kernel_ok(x):
 
 
 if triton is not None:
-    # Key on N, K only: TTT changes the row count every chunk and must not re-tune each time.
+    # H100/H200 candidates (the 128 x 128 x 64 ones with 3 stages fit two programs per SM). Key on N, K only: TTT
+    # changes the row count every chunk and must not re-tune each time.
     @triton.autotune([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns) for m, n, k, nw, ns in
-                      ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-                       (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))], key=["N", "K"])
+                      ((256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 128, 8, 2), (256, 64, 64, 4, 4),
+                       (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3))], key=["N", "K"])
     @triton.jit
     def _mlp_up_kernel(x, w, hid, neg, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         nb = tl.cdiv(N, BN)
@@ -397,19 +398,20 @@ if triton is not None:
     @triton.autotune([triton.Config({}, num_warps=nw) for nw in (4, 8, 16)], key=["V"])
     @triton.jit
     def _ce_fwd_kernel(z, tgt, loss, lse, V, cap, BV: tl.constexpr):
-        row, c = tl.program_id(0).to(tl.int64), tl.arange(0, BV)  # one row per program: the vocabulary fits in registers
-        zc = cap * _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) / cap)
+        row, c, inv = tl.program_id(0).to(tl.int64), tl.arange(0, BV), 1 / cap  # a row per program, in registers
+        zc = cap * _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) * inv)
         zc = tl.where(c < V, zc, -float("inf"))
         m = tl.max(zc, 0)
         s = m + tl.log(tl.sum(tl.exp(zc - m), 0))
-        tl.store(loss + row, s - tl.sum(tl.where(c == tl.load(tgt + row), zc, 0.0), 0))
+        zt = tl.load(z + row * V + tl.load(tgt + row)).to(tl.float32)
+        tl.store(loss + row, s - cap * _tanh(zt * inv))
         tl.store(lse + row, s)
 
     @triton.autotune([triton.Config({}, num_warps=nw) for nw in (4, 8, 16)], key=["V"])
     @triton.jit
     def _ce_bwd_kernel(z, tgt, lse, g, dz, V, cap, BV: tl.constexpr):
         row, c = tl.program_id(0).to(tl.int64), tl.arange(0, BV)
-        t = _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) / cap)
+        t = _tanh(tl.load(z + row * V + c, mask=c < V, other=0.0).to(tl.float32) * (1 / cap))
         p = tl.exp(cap * t - tl.load(lse + row))  # softmax, recomputed from the logits and the saved logsumexp
         d = (p - (c == tl.load(tgt + row)).to(tl.float32)) * tl.load(g + row) * (1 - t * t)
         tl.store(dz + row * V + c, d.to(dz.dtype.element_ty), mask=c < V)
