@@ -351,6 +351,8 @@ class TrainLoader:
 #   mlp_up: leaky_relu(x @ w.T, 0.5)^2 in the matmul's epilogue (the pre-activation never reaches memory);
 #   softcap_ce: softcap*tanh + logsumexp + target NLL per row of bf16 logits, and d logits written directly in
 #   the logits' dtype (no fp32 [tokens, vocab] tensor). FUSED_MLP=0 / FUSED_CE=0 restore the plain expressions.
+# FUSED_CE is on by default (about 2% faster training steps on an H200); FUSED_MLP is opt-in: it saves 2-4 GiB of
+# activations, but its Triton matmul runs at about 2/3 of cuBLAS's speed, so compiled steps get 1-3% slower.
 
 try:
     import triton
@@ -358,7 +360,7 @@ try:
 except ImportError:
     triton = None
 _KERNELS_ON = torch.cuda.is_available() and triton is not None
-FUSED_MLP = _KERNELS_ON and os.environ.get("FUSED_MLP", "1") != "0"
+FUSED_MLP = _KERNELS_ON and os.environ.get("FUSED_MLP", "0") == "1"
 FUSED_CE = _KERNELS_ON and os.environ.get("FUSED_CE", "1") != "0"
 
 
