@@ -2,6 +2,7 @@
 
     python3 tools/bench.py                # throughput + attention backends, appended to docs/BENCHMARKS.md
     python3 tools/bench.py --e2e-docs FILE # + prepare FILE (500 val docs), train for --e2e-seconds, quantize, TTT-eval
+    python3 tools/bench.py --sections kernels   # fused MLP / CE kernels: equivalence, timing, training and TTT on vs off
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 """
@@ -54,41 +55,46 @@ def model_flops_per_token(tg, h, depth, cu, T):
     return 3 * ((per_layer + attn) * (len(enc) + len(dec)) + 2 * d * h.vocab_size)
 
 
+def one_gpu_h(tg, **over):
+    """The run's config (env) with one GPU's share of the 8-GPU step as one micro-batch."""
+    full = tg.Hyperparameters.from_env()
+    return tg.Hyperparameters.from_env(**{"grad_accum_steps": 1, "train_batch_tokens": full.train_batch_tokens // 8, **over})
+
+
 def bench_training(tg, steps, peak):
-    h = tg.Hyperparameters()
-    h.grad_accum_steps, h.micro_batch_tokens = 1, h.train_batch_tokens // 8  # one GPU's share of the 8-GPU step
-    dev = torch.device("cuda")
-    model = tg.build_model(h, dev)
-    opt = tg.Optimizers(model, h)
-    T = h.micro_batch_tokens
-    toks = synthetic_docs(T, h.vocab_size).cuda()
-    x, y = toks[:-1], toks[1:]
-    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()
-    rows, use_flex = [], tg.USE_FLEX
-    for flex, depth in [(f, d) for f in ([True, False] if tg.USE_FLEX else [False]) for d in sorted({1, *h.train_depths})]:
-        if flex != tg.USE_FLEX:  # the other cu type: start from empty compile caches
-            torch._dynamo.reset()
-        tg.USE_FLEX = flex
-        model.depth = depth
-        t0 = time.perf_counter()
+    rows = []
+    backends = (["fa3"] if tg._FA3 else []) + ["flex"] + (["varlen"] if tg._VARLEN else [])
+    for backend in backends:
+        torch._dynamo.reset()  # each backend's cu type: start from empty compile caches
+        h = one_gpu_h(tg, attn_backend=backend)
+        dev = torch.device("cuda")
+        model, fns = tg.build_model(h, dev), tg.compiled_block_fns(h)
+        opt = tg.Optimizers(model, h)
+        T = h.micro_batch_tokens
+        toks = synthetic_docs(T, h.vocab_size).cuda()
+        x, y = toks[:-1], toks[1:]
+        cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()
+        for depth in sorted({d for _, d in h.depth_schedule} | {1}):
+            fwd = tg.Fwd(depth, fns)
+            t0 = time.perf_counter()
 
-        def step():
-            with tg.autocast(dev):
-                loss = model(x[None], y[None], cu)
-            loss.backward()
-            opt.step(0, 0.0)
+            def step():
+                with tg.autocast(dev):
+                    loss = model(x[None], y[None], fwd, cu)
+                loss.backward()
+                opt.step(0, 0.0)
 
-        step()
-        torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
-        torch.cuda.reset_peak_memory_stats()
-        ms = cuda_time_ms(step, iters=steps)
-        fpt = model_flops_per_token(tg, h, depth, cu, T)
-        tps = T / ms * 1000
-        rows.append(dict(attn="flex" if flex else "fa3" if tg._FA3 else "varlen_attn", depth=depth, step_ms=ms, tok_s=tps,
-                         flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
-                         mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
-    tg.USE_FLEX = use_flex
+            step()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            ms = cuda_time_ms(step, iters=steps)
+            fpt = model_flops_per_token(tg, h, depth, cu, T)
+            tps = T / ms * 1000
+            rows.append(dict(attn=backend, depth=depth, step_ms=ms, tok_s=tps, flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
+                             mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
+        del model, opt
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -105,9 +111,9 @@ def bench_attention():
         return lambda: f().float().square().mean().backward()
 
     if tg._FA3:
-        rows["fa3 varlen (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048)))
+        rows["fa3 varlen (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048, "fa3")))
     if tg._VARLEN:
-        rows["torch varlen_attn (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048)))
+        rows["torch varlen_attn (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048, "varlen")))
     bm = tg.packed_block_mask(cu, T)
     rows["flex_attention + document block mask (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, bm, 2048)))
     rows["building the block mask from cu_seqlens (once per forward)"] = cuda_time_ms(lambda: tg.packed_block_mask(cu, T))
@@ -125,18 +131,16 @@ def bench_attention():
 def bench_ttt(tg):
     """Phased-TTT inner loop (score + LoRA step per 48-token chunk) at the eval depth on random weights: row tokens/s
     per GPU, eager vs compiled, on 64 short docs (FineWeb-like) and 16 long ones (rows at the 2,048 window)."""
-    h = tg.Hyperparameters()
     dev = torch.device("cuda")
     rows = []
     for compiled in (False, True):
-        model = tg.build_model(h, dev)
-        model.depth = h.eval_loop_depth
+        h = tg.Hyperparameters.from_env(ttt_compile=compiled)
+        model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
         model.requires_grad_(False)
         warm = "-"
         if compiled:
-            tg.compile_lora_fns(model)
             t0, g0 = time.perf_counter(), tg.compiled_graphs()
-            tg.ttt_warmup(model, h, dev, lambda msg: None)
+            tg.ttt_warmup(model, fns, h, dev, lambda msg: None)
             warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
         for name, n, length in (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000)):
             toks = synthetic_docs(n * length, h.vocab_size, mean_doc=10**9).cuda()
@@ -146,7 +150,7 @@ def bench_ttt(tg):
             g0 = tg.compiled_graphs()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sums = tg.ttt_batch(model, toks, torch.ones_like(toks), docs, h, dev, gen)
+            sums = tg.ttt_batch(model, fns, toks, torch.ones_like(toks), docs, h, dev, gen)
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
             rows.append(dict(mode="compiled" if compiled else "eager", work=name, s=t, row_tok_s=sums[3].item() / t,
@@ -154,6 +158,200 @@ def bench_ttt(tg):
         del model
         torch.cuda.empty_cache()
     return rows
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_banks(model):
+    """Trained-looking matrices: the zero-initialised output and down projections would hide attention and MLP."""
+    with torch.no_grad():
+        for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
+            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
+    return model
+
+
+def bench_kernel_ops(tg):
+    """train_gpt.py's fused kernels (FUSED_MLP, FUSED_CE_ENABLED) against the plain expressions on random bf16 data at the
+    training shapes (49,152 tokens x 512 -> 2,048; logits 49,152 x 8,192): relative error of outputs and gradients
+    against an fp32 (MLP) / fp64 (loss) reference beside the plain bf16 path's own, median fwd+bwd ms eager and
+    compiled, peak memory."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    dev, M, d, V, cap = torch.device("cuda"), 49152, 512, 8192, 30.0
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def timed(fn, leaves, g):
+        def fwd_bwd():
+            with bf16():
+                out = fn(*leaves)
+            out.backward(g)
+            return out
+
+        def fwd():
+            with torch.no_grad(), bf16():
+                return fn(*leaves)
+
+        for t in leaves:
+            t.grad = None
+        out = fwd_bwd().detach()
+        grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = do_bench(fwd_bwd, grad_to_none=leaves, return_mode="median")
+        return [out] + grads, ms, do_bench(fwd, return_mode="median"), mem
+
+    def compare(name, make_fn, leaves, g, ref):
+        rows = []
+        for fused in (False, True):
+            for compiled in (False, True):
+                torch._dynamo.reset()
+                fn = torch.compile(make_fn(fused), dynamic=False, fullgraph=True) if compiled else make_fn(fused)
+                vals, ms, ms_fwd, mem = timed(fn, leaves, g)
+                rows.append(f"| {name} | {'fused' if fused else 'plain'} | {'compiled' if compiled else 'eager'} | "
+                            f"{ms:.3f} | {ms_fwd:.3f} | {mem:.2f} | " + " / ".join(f"{rel_err(v, r):.1e}" for v, r in zip(vals, ref)) + " |")
+                print(rows[-1], flush=True)
+        return rows
+
+    lines = ["Fused kernels (train_gpt.py KERNELS; errors: output / input grads against the fp32-fp64 reference on the same "
+             "bf16 operands):", "", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |",
+             "|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    a = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    up = (torch.randn(4 * d, d, device=dev) / d**0.5).requires_grad_()
+    down = (torch.randn(d, 4 * d, device=dev) / (4 * d) ** 0.5).requires_grad_()
+    g = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16)
+    r = [t.detach().bfloat16().float().requires_grad_() for t in (a, up, down)]
+    out = F.linear(F.leaky_relu(F.linear(r[0], r[1]), 0.5).square(), r[2])
+    out.backward(g.float())
+    ref = [out.detach()] + [t.grad for t in r]
+    blk = lambda u, w, fused: tg.BlockWeights(None, None, None, None, u, w, None, None, None, None, None, None, False, fused)
+    lines += compare("MLP up+act+down", lambda fused: lambda a, u, w: tg.mlp(a, blk(u, w, fused), None, None), [a, up, down], g, ref)
+    x2, u2 = a.detach()[0], up.detach().bfloat16()
+    t_mm = do_bench(lambda: F.linear(x2, u2), return_mode="median")
+    t_up = do_bench(lambda: tg.mlp_up(x2, u2), return_mode="median")
+    hid, neg = tg.mlp_up(x2, u2)
+    pre = F.linear(x2.float(), u2.float())
+    lines += ["", f"mlp_up kernel alone: {t_up:.3f} ms ({2 * M * d * 4 * d / t_up / 1e9:.0f} TFLOP/s; cuBLAS matmul alone "
+              f"{t_mm:.3f} ms); best config {tg._mlp_up_kernel.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
+              f"sign mismatches {(neg != (pre < 0)).sum().item()} (|pre| < 1e-3 there: {bool(((neg != (pre < 0)) <= (pre.abs() < 1e-3)).all())})", ""]
+    del r, out, ref, hid, neg, pre
+    hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    emb = (torch.randn(V, d, device=dev) * 0.35).bfloat16().requires_grad_()  # logits ~ N(0, 8^2): some saturate
+    tgt = torch.randint(0, V, (1, M), device=dev)
+    gl = torch.rand(1, M, device=dev) / M
+    z = F.linear(tg.rms(hidden.detach().double()), emb.detach().double()).bfloat16().double().requires_grad_()
+    loss = F.cross_entropy(cap * torch.tanh(z[0] / cap), tgt[0], reduction="none")[None]
+    loss.backward(gl.double())
+    zr = z.detach().bfloat16().requires_grad_()
+    lines += ["| op | path | | loss rel. error | d logits rel. error |", "|---|---|---|---|---|"]
+    for name, f in (("plain", lambda z: F.cross_entropy(cap * torch.tanh(z[0].float() / cap), tgt[0], reduction="none")),
+                    ("fused", lambda z: tg.softcap_ce(z[0], tgt[0], cap)[0])):
+        zr.grad = None
+        l = f(zr)[None]
+        l.backward(gl)
+        lines.append(f"| softcap CE on fixed bf16 logits | {name} | | {rel_err(l, loss):.1e} | {rel_err(zr.grad, z.grad):.1e} |")
+    del z, zr, loss
+    lines += ["", "| op | path | mode | fwd+bwd ms | fwd ms (no grad) | peak extra GiB | rel. errors |", "|---|---|---|---|---|---|---|"]
+    with torch.no_grad():
+        ref = [F.cross_entropy(tg.softcap_logits(hidden.float(), emb.float(), None, cap)[0], tgt[0], reduction="none")[None]]
+    hd = hidden.detach().float().requires_grad_()
+    ed = emb.detach().float().requires_grad_()
+    l = F.cross_entropy(tg.softcap_logits(hd, ed, None, cap)[0], tgt[0], reduction="none")[None]
+    l.backward(gl)
+    ref += [hd.grad, ed.grad]
+    del hd, ed, l
+    lines += compare("head (rms, tied matmul, softcap CE)", lambda fused: lambda h, e: tg.head_losses(h, e, tgt, None, cap, fused),
+                     [hidden, emb], gl, ref)
+    lines += ["", f"softcap CE best configs: forward {tg._ce_fwd_kernel.best_config}, backward {tg._ce_bwd_kernel.best_config}"]
+    return lines
+
+
+def bench_kernel_training(tg, steps, combos, depth=1):
+    """Compiled training steps (one GPU's 98,304 tokens) per FUSED_MLP/FUSED_CE_ENABLED pair ("10" = MLP only): step
+    time, peak memory, and the first step's gradients against the plain eager path's (the "00" row's own difference is
+    compile's reordering of the bf16 arithmetic: the noise floor)."""
+    dev = torch.device("cuda")
+
+    def model_and_grads(compiled, combo):
+        h = one_gpu_h(tg, compile=compiled, fused_mlp=combo[0] == "1", fused_ce_enabled=combo[1] == "1")
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, fwd = random_banks(tg.build_model(h, dev)), tg.Fwd(depth, tg.compiled_block_fns(h))
+        with tg.autocast(dev):
+            loss = model(toks[None, :-1], toks[None, 1:], fwd, cu)
+        loss.backward()
+        return h, model, fwd, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    T = one_gpu_h(tg).micro_batch_tokens
+    toks = synthetic_docs(T, one_gpu_h(tg).vocab_size).to(dev)
+    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), one_gpu_h(tg).train_seq_len).to(dev)
+    ref = model_and_grads(False, "00")[3]
+    lines = [f"| FUSED_MLP, FUSED_CE_ENABLED | compiled training step, depth {depth} ({T:,} tok) ms | tok/s | peak GiB | first "
+             "step (compile) s | grad rel. diff vs plain eager: matrices | worst parameter |", "|---|---|---|---|---|---|---|"]
+    for combo in combos:
+        t0 = time.perf_counter()
+        h, model, fwd, grads = model_and_grads(True, combo)
+        compile_s = time.perf_counter() - t0
+        diff = {n: rel_err(grads[n], ref[n]) for n in ref if ref[n].norm() > 0}
+        worst = max(diff, key=diff.get)
+        opt = tg.Optimizers(model, h)
+
+        def step():
+            with tg.autocast(dev):
+                l = model(toks[None, :-1], toks[None, 1:], fwd, cu)
+            l.backward()
+            opt.step(0, 0.0)
+
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time_ms(step, iters=steps)
+        mats = max(v for n, v in diff.items() if n.endswith("_bank") or n == "tok_emb.weight")
+        lines.append(f"| {combo[0]}, {combo[1]} | {ms:.1f} | {T / ms * 1000:,.0f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
+                     f"{compile_s:.0f} | {mats:.1e} | {diff[worst]:.1e} ({worst}) |")
+        print(lines[-1], flush=True)
+        del model, opt, grads
+        torch.cuda.empty_cache()
+    return lines
+
+
+def bench_kernel_ttt(tg):
+    """The TTT loop (LoRA forward/backward per 48-token chunk, rows and widths changing) on 16 short documents:
+    fused eager and fused compiled (ttt_block_fns, symbolic rows) against plain eager."""
+    dev = torch.device("cuda")
+    lines, plain = None, None
+    for name, fused, compiled in (("plain eager", False, False), ("fused eager", True, False), ("fused compiled (dynamic rows)", True, True)):
+        h = tg.Hyperparameters.from_env(fused_mlp=fused, fused_ce_enabled=fused, ttt_compile=compiled)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = random_banks(tg.build_model(h, dev))
+        m.requires_grad_(False)
+        if lines is None:
+            rng = np.random.default_rng(0)
+            lens = rng.integers(60, 700, 16)
+            toks = synthetic_docs(int(lens.sum()) + 1, h.vocab_size, mean_doc=10**9).to(dev)
+            starts = np.cumsum([0, *lens[:-1]])
+            toks[torch.from_numpy(starts).to(dev)] = tg.BOS_ID
+            docs = [tg.Doc(int(s), int(n)) for s, n in zip(starts, lens)]
+            lines = [f"| TTT loop (depth {h.eval_loop_depth}, 16 docs of 60-700 tokens) | s (with compile) | nll/token | "
+                     "rel. diff vs plain eager |", "|---|---|---|---|"]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sums = tg.ttt_batch(m, tg.ttt_block_fns(h), toks, torch.ones_like(toks), docs, h, dev,
+                            torch.Generator(device=dev).manual_seed(0))
+        torch.cuda.synchronize()
+        nll = (sums[0] / sums[1]).item()
+        plain = plain or nll
+        lines.append(f"| {name} | {time.perf_counter() - t0:.1f} | {nll:.5f} | {abs(nll - plain) / plain:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def run_e2e(args, log_dir):
@@ -183,7 +381,8 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt")
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels")
+    ap.add_argument("--kernel-combos", default="00,10,01,11", help="kernels: FUSED_MLP/FUSED_CE_ENABLED pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
     ap.add_argument("--val-docs", type=int, default=500)
@@ -201,7 +400,7 @@ def main():
     peak = bf16_peak_tflops()
     lines = [f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"world size {torch.cuda.device_count()}, commit {os.environ.get('GIT_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'n/a'}",
-             "", f"Measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; attention backend: {tg.ATTN_BACKEND}", "",
+             "", f"Measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; attention backend: {tg.attention_backend('')}", "",
              ]
     sections = args.sections.split(",")
     if "train" in sections:
@@ -213,8 +412,12 @@ def main():
         lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
     emit(lines, args.out)
+    if "kernels" in sections:
+        for part in (lambda: bench_kernel_ops(tg), lambda: bench_kernel_training(tg, args.steps, args.kernel_combos.split(",")),
+                     lambda: bench_kernel_ttt(tg)):
+            emit([""] + part(), args.out)
     if "ttt" in sections:
-        lines = ["", f"| TTT loop (depth {tg.Hyperparameters().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
+        lines = ["", f"| TTT loop (depth {tg.Hyperparameters.from_env().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
                  "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
         emit(lines, args.out)

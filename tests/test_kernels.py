@@ -1,0 +1,184 @@
+"""CPU tests of train_gpt.py's KERNELS section: the custom ops' torch paths and hand-written backwards against
+autograd of the plain expressions, their composition with torch.compile, the call sites in mlp() and
+head_losses(), and (when triton is installed) the Triton kernels themselves under TRITON_INTERPRET=1."""
+import copy
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import REPO, make_h
+
+CAP = 30.0
+REAL_KERNEL_OK = tg.kernel_ok
+
+
+def plain_mlp_up(x, w):
+    return F.leaky_relu(F.linear(x, w), 0.5).square()
+
+
+def plain_ce(z, t):
+    return F.cross_entropy(CAP * torch.tanh(z.float() / CAP), t, reduction="none")
+
+
+def grads(f, *inputs, g):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = f(*inputs)
+    out.backward(g)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_mlp_up_backward_matches_autograd():
+    """The backward rebuilds f'(pre) from hid and the sign mask: exact in fp64, within bf16 rounding in bf16
+    (no worse than the plain expression's own bf16 autograd, both against fp64)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64) / 5
+    g = torch.randn(37, 40, dtype=torch.float64)
+    hid, neg = tg.mlp_up(x, w)
+    assert torch.equal(hid, plain_mlp_up(x, w)) and torch.equal(neg, F.linear(x, w) < 0) and neg.any() and not neg.all()
+    out, (dx, dw) = grads(lambda a, b: tg.mlp_up(a, b)[0], x, w, g=g)
+    ref, (rx, rw) = grads(plain_mlp_up, x, w, g=g)
+    assert torch.allclose(dx, rx, rtol=1e-12, atol=1e-12) and torch.allclose(dw, rw, rtol=1e-12, atol=1e-12)
+    bf = [t.bfloat16() for t in (x, w)]
+    _, (bx, bw) = grads(lambda a, b: tg.mlp_up(a, b)[0], *bf, g=g.bfloat16())
+    _, (px, pw) = grads(plain_mlp_up, *bf, g=g.bfloat16())
+    _, (qx, qw) = grads(plain_mlp_up, *(t.double() for t in bf), g=g.bfloat16().double())
+    assert rel(bx, qx) < 1e-2 and rel(bw, qw) < 1e-2
+    assert rel(bx, qx) < 1.5 * rel(px, qx) and rel(bw, qw) < 1.5 * rel(pw, qw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_softcap_ce_matches_cross_entropy(dtype):
+    """Loss = the unfused head's cross-entropy; d z from the softcap_ce_bwd op = autograd of it, with logits far
+    into tanh's saturation; lse is the softcapped logits' logsumexp."""
+    torch.manual_seed(1)
+    z = (torch.randn(50, 33, dtype=torch.float64) * 40).to(dtype)
+    t = torch.randint(0, 33, (50,))
+    g = torch.randn(50)
+    loss, lse = tg.softcap_ce(z, t, CAP)
+    assert torch.equal(loss, plain_ce(z, t)) and loss.dtype == torch.float32
+    assert torch.allclose(lse, (CAP * torch.tanh(z.float() / CAP)).logsumexp(-1))
+    _, (dz,) = grads(lambda a: tg.softcap_ce(a, t, CAP)[0], z, g=g)
+    _, (rz,) = grads(lambda a: plain_ce(a, t), z, g=g)
+    assert dz.dtype == dtype and rel(dz, rz) < (1e-6 if dtype == torch.float64 else 4e-3)
+
+
+def test_ops_compile_fullgraph_with_dynamic_rows():
+    """Both ops inside torch.compile(fullgraph=True), rows marked dynamic as TTT does: one graph serves two row
+    counts, and values and gradients equal eager's (inductor on CPU)."""
+    torch.manual_seed(2)
+    w, emb = torch.randn(48, 16) / 4, torch.randn(20, 48) / 7
+
+    def f(x, t, w, emb):
+        return tg.softcap_ce(F.linear(tg.mlp_up(x, w)[0], emb), t, CAP)[0]
+
+    cf = torch.compile(f, fullgraph=True)
+    g0 = tg.compiled_graphs()
+    for rows in (12, 7):
+        x, t, g = torch.randn(rows, 16), torch.randint(0, 20, (rows,)), torch.rand(rows)
+        ref, rg = grads(lambda a, b, c: f(a, t, b, c), x, w, emb, g=g)
+        out, cg = grads(lambda a, b, c: tg.mark_rows((0,), a, t) or cf(a, t, b, c), x, w, emb, g=g)
+        assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cg, rg))
+    assert tg.compiled_graphs() - g0 == 1
+
+
+@pytest.fixture
+def model():
+    h = make_h(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
+               loop_start=1, loop_end=2, parallel_start_layer=3, xsa_last_n=4, train_seq_len=64, compile=False,
+               ttt_lora_rank=4, eval_loop_depth=2)
+    torch.manual_seed(0)
+    m = tg.build_model(h, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5 if name.endswith("_bank") else p + 0.3 * torch.randn_like(p))
+    return m
+
+
+def _run(m, fused, monkeypatch):
+    """Training loss + gradients and TTT-style losses (adapters, head LoRA, gathered columns) of one batch."""
+    m = copy.deepcopy(m)
+    m.h = dataclasses.replace(m.h, fused_mlp=fused, fused_ce_enabled=fused)  # the same weights, other kernel flags
+    monkeypatch.setattr(tg, "kernel_ok", lambda x: True)  # CPU tensors through the ops' torch paths
+    called = []
+    for name in ("mlp_up", "softcap_ce"):
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, real=real, name=name: called.append(name) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    ids, y = torch.randint(0, 64, (2, 32), generator=g), torch.randint(0, 64, (2, 32), generator=g)
+    m.zero_grad(set_to_none=True)
+    loss = m(ids, y, tg.Fwd(2))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    loras, head, _ = tg.new_adapters(m, m.h, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head[1].normal_(0, 0.3, generator=g)
+    cols = torch.stack([torch.arange(8, 16), torch.arange(20, 28)])
+    ttt = m.token_losses(ids, y, tg.Fwd(2, tg.EAGER, loras, head), cols=cols)
+    ttt.sum().backward()
+    return loss.detach(), grads, ttt.detach(), head[1].grad, set(called)
+
+
+def test_call_sites_use_the_ops_with_the_plain_results(model, monkeypatch):
+    """mlp() and head_losses() with the flags on (the ops' torch paths standing in for the kernels) give the plain
+    path's loss, gradients and TTT scores; off CUDA the real kernel_ok keeps the plain path."""
+    fused = _run(model, True, monkeypatch)
+    plain = _run(model, False, monkeypatch)
+    assert fused[4] == {"mlp_up", "softcap_ce"} and plain[4] == set()
+    assert torch.allclose(fused[0], plain[0], rtol=1e-6) and torch.allclose(fused[2], plain[2], rtol=1e-5, atol=1e-6)
+    assert fused[1].keys() == plain[1].keys()
+    assert all(torch.allclose(fused[1][k], plain[1][k], rtol=1e-4, atol=1e-6) for k in plain[1])
+    assert torch.allclose(fused[3], plain[3], rtol=1e-4, atol=1e-6)
+    assert not REAL_KERNEL_OK(torch.ones(1, dtype=torch.bfloat16))
+
+
+def test_gptq_hook_sees_the_mlp_inputs_with_the_flags_on(model, monkeypatch):
+    model.h = dataclasses.replace(model.h, fused_mlp=True)
+    monkeypatch.setattr(tg, "kernel_ok", lambda x: True)
+    seen = set()
+    model.hidden(torch.randint(0, 64, (1, 16)), tg.Fwd(2, cap=lambda name, x: seen.add(name)))
+    assert {f"blocks.{i}.mlp.{n}.weight" for i in range(4) for n in ("fc", "proj")} <= seen
+
+
+INTERPRETED = r"""
+import torch, triton
+import train_gpt as tg
+tg._mlp_up_kernel.configs = [triton.Config({"BM": 32, "BN": 16, "BK": 32})]  # the interpreter cannot autotune
+tg._ce_fwd_kernel.configs, tg._ce_bwd_kernel.configs = tg._ce_fwd_kernel.configs[:1], tg._ce_bwd_kernel.configs[:1]
+torch.manual_seed(0)
+# edge tiles in every dimension: M, N not multiples of the tile, K not a multiple of BK. fp32, because the
+# interpreter's bf16 dot is wrong (on the GPU the kernel runs bf16)
+x, w = torch.randn(70, 80), torch.randn(40, 80) / 9
+hid, neg = tg._mlp_up_triton(x, w)
+ref, rneg = tg.mlp_up(x, w)
+assert torch.equal(neg, rneg) and torch.allclose(hid, ref, rtol=1e-5, atol=1e-6), (hid - ref).abs().max()
+for dtype in (torch.float32, torch.bfloat16):
+    z, t, g = (torch.randn(33, 100) * 40).to(dtype), torch.randint(0, 100, (33,)), torch.randn(33)
+    loss, lse = tg._ce_fwd_triton(z, t, 30.0)
+    rl, rlse = tg.softcap_ce(z, t, 30.0)
+    assert torch.allclose(loss, rl, atol=1e-4) and torch.allclose(lse, rlse, atol=1e-4), (loss - rl).abs().max()
+    dz, rdz = tg._ce_bwd_triton(z, t, lse, g, 30.0), tg.softcap_ce_bwd(z, t, rlse, g, 30.0)
+    # 8e-3: the interpreter truncates fp32 to bf16 where the GPU rounds to nearest
+    assert dz.dtype == dtype and ((dz.float() - rdz.float()).norm() / rdz.float().norm()) < 8e-3
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_interpreted():
+    """The Triton kernels on CPU tensors (TRITON_INTERPRET=1, set before triton is imported: a subprocess) against
+    the ops' torch paths (a few seconds)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
