@@ -1,6 +1,17 @@
 """Parameter Golf CaseOps record stack: train, quantize (GPTQ int6 + Brotli) and score (phased score-first TTT).
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every setting is an env var; see Hyperparameters)
+
+The pipeline (main), section by section:
+  CONFIG      Hyperparameters.from_env(): every knob, typed and checked before anything runs
+  DATA        shards checked (headers, sizes), val tokens + per-target original bytes, a document-packing loader
+  MODEL       11x512 GPT: U-Net skips, layers 3-5 looped (depth curriculum 1 -> 3 -> 4), parallel lanes from layer 8,
+              gated attention; each caller passes a Fwd (depth, block functions, TTT adapters, GPTQ hook)
+  OPTIMIZER   banked Muon (matrices) + AdamW (embedding, scalars), WD taper, EMA
+  TRAINING    compile warm-up (undone), then steps until MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS; EMA applied
+  QUANTIZATION  GPTQ int6/int7 with Hessians from training data, Brotli artifact + code wrapper <= 16,000,000 bytes
+  EVALUATION  the artifact reloaded and scored (BPB over original UTF-8 bytes), then
+  TEST-TIME TRAINING  phased score-first TTT: per-document LoRA + global SGD on scored documents (the reported score)
 """
 import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
@@ -38,11 +49,15 @@ RECORD_ENV_NOT_READ = {
     "GLOBAL_TTT_WARMUP_START_LR": "global SGD has no warm-up (the records' runs used none)",
     "GLOBAL_TTT_WARMUP_CHUNKS": "global SGD has no warm-up (the records' runs used none)",
     "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "global SGD always respects document boundaries",
-    "TTT_OPTIMIZER": "TTT uses AdamW", "TIE_EMBEDDINGS": "embeddings are always tied",
-    "SKIP_GATES_ENABLED": "skip gates are always on", "ROPE_YARN": "no YaRN", "ROPE_TRAIN_SEQ_LEN": "no YaRN",
+    "TTT_OPTIMIZER": "TTT uses AdamW",
+    "TIE_EMBEDDINGS": "embeddings are always tied",
+    "SKIP_GATES_ENABLED": "skip gates are always on",
+    "ROPE_YARN": "no YaRN",
+    "ROPE_TRAIN_SEQ_LEN": "no YaRN",
     "ATTN_OUT_GATE_ENABLED": "not implemented (unused by the records' runs)",
     "TRAIN_LOOP_DEPTH_DIST": "random-depth training is not implemented (the records' runs used fixed)",
-    "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)", "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)",
+    "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)",
+    "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)",
     "LQER_ENABLED": "not implemented yet (PR #1855)",
 }
 
@@ -192,16 +207,23 @@ class Hyperparameters:
         accum = self.grad_accum_steps or max(1, 8 // self.world_size)
         out, run_id = self.artifact_dir or ".", self.run_id or uuid.uuid4().hex[:12]
         datasets_dir, tokenizer = resolve_data_paths(self)
-        for k, v in dict(run_id=run_id, grad_accum_steps=accum, distributed=self.world_size > 1,
-                         is_main_process=self.rank == 0, tokenizer_path=tokenizer, datasets_dir=datasets_dir,
-                         micro_batch_tokens=self.train_batch_tokens // (self.world_size * accum),
-                         logfile=os.path.join(out, "logs", f"{run_id}.txt"),
-                         model_path=os.path.join(out, "final_model.pt"),
-                         quantized_model_path=os.path.join(out, "final_model.int6.ptz"),
-                         train_files=os.path.join(datasets_dir, "fineweb_train_*.bin"),
-                         val_files=os.path.join(datasets_dir, "fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin"),
-                         val_bytes_files=os.path.join(datasets_dir, "fineweb_val_bytes_*.bin"),
-                         depth_schedule=depth_schedule(self), attn_backend=attention_backend(self.attn_backend)).items():
+        for k, v in dict(
+            run_id=run_id,
+            grad_accum_steps=accum,
+            distributed=self.world_size > 1,
+            is_main_process=self.rank == 0,
+            tokenizer_path=tokenizer,
+            datasets_dir=datasets_dir,
+            micro_batch_tokens=self.train_batch_tokens // (self.world_size * accum),
+            logfile=os.path.join(out, "logs", f"{run_id}.txt"),
+            model_path=os.path.join(out, "final_model.pt"),
+            quantized_model_path=os.path.join(out, "final_model.int6.ptz"),
+            train_files=os.path.join(datasets_dir, "fineweb_train_*.bin"),
+            val_files=os.path.join(datasets_dir, "fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin"),
+            val_bytes_files=os.path.join(datasets_dir, "fineweb_val_bytes_*.bin"),
+            depth_schedule=depth_schedule(self),
+            attn_backend=attention_backend(self.attn_backend),
+        ).items():
             object.__setattr__(self, k, v)
         check_config(self)
 
@@ -303,6 +325,72 @@ def resolve_data_paths(h):
     return data, tok
 
 
+# ----------------------------------------------------------------------------- RUNTIME
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_seed(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean_(tensors, ws):
+    """Average replicated gradients: big tensors one by one, small ones packed into one buffer."""
+    if ws == 1:
+        return
+    small = [t for t in tensors if t.numel() <= 32768]
+    for t in tensors:
+        if t.numel() > 32768:
+            dist.all_reduce(t)
+            t.div_(ws)
+    if small:
+        flat = torch.cat([t.flatten().float() for t in small])
+        dist.all_reduce(flat)
+        flat.div_(ws)
+        for t, chunk in zip(small, flat.split([t.numel() for t in small])):
+            t.copy_(chunk.view_as(t))
+
+
+def reduce_sums(h, sums):
+    if h.distributed:
+        dist.all_reduce(sums)
+    return sums
+
+
+def compiled_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class Logger:
+    file = None  # this process's open run log, for the error line of a DataError raised after it was opened
+
+    def __init__(self, h):
+        self.main = h.is_main_process
+        if self.main:
+            os.makedirs(os.path.dirname(h.logfile), exist_ok=True)
+            self.f = Logger.file = open(h.logfile, "a", encoding="utf-8")
+
+    def __call__(self, msg=""):
+        if self.main:
+            print(msg, flush=True)
+            self.file_only(msg)
+
+    def file_only(self, msg):
+        if self.main:
+            self.f.write(msg + "\n")
+            self.f.flush()
+
+
 # ----------------------------------------------------------------------------- DATA
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
@@ -312,13 +400,21 @@ def shard_tokens(path):
     """Token count of a token/sidecar shard from its header, checked against the file size (reads 1 KB)."""
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
-        raise DataError(f"{path}: {size} bytes is shorter than the 1024-byte shard header; re-run prepare_caseops_data.py")
+        raise DataError(
+            f"{path}: {size} bytes is shorter than the 1024-byte shard header; re-run prepare_caseops_data.py"
+        )
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION}); not a token shard")
+        raise DataError(
+            f"{path}: bad shard header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, "
+            f"{SHARD_VERSION}); not a token shard"
+        )
     n = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n:
-        raise DataError(f"{path}: header says {n} tokens but the file holds {(size - HEADER_INTS * 4) // 2}; the shard is truncated, re-run prepare_caseops_data.py")
+        raise DataError(
+            f"{path}: header says {n} tokens but the file holds {(size - HEADER_INTS * 4) // 2}; the shard is "
+            f"truncated, re-run prepare_caseops_data.py"
+        )
     return n
 
 
@@ -353,7 +449,10 @@ def load_tokenizer(h):
         raise DataError(f"tokenizer {h.tokenizer_path} not found; set TOKENIZER_PATH")
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     if sp.vocab_size() != h.vocab_size:
-        raise DataError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; set VOCAB_SIZE or TOKENIZER_PATH")
+        raise DataError(
+            f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; set "
+            f"VOCAB_SIZE or TOKENIZER_PATH"
+        )
     return sp
 
 
@@ -385,14 +484,25 @@ def load_val(h, sp):
     side_files = sorted(glob.glob(h.val_bytes_files))
     if side_files:
         if len(side_files) != len(files):
-            raise DataError(f"{len(files)} val shards but {len(side_files)} sidecars ({h.val_bytes_files}); re-run prepare_caseops_data.py")
+            raise DataError(
+                f"{len(files)} val shards but {len(side_files)} sidecars ({h.val_bytes_files}); re-run "
+                f"prepare_caseops_data.py"
+            )
         for f, s in zip(files, side_files):
             if read_shard(f).shape != read_shard(s).shape:
-                raise DataError(f"sidecar {s} has {read_shard(s).shape[0]} entries but {f} has {read_shard(f).shape[0]} tokens; re-run prepare_caseops_data.py")
-        nbytes, source = np.concatenate([np.asarray(read_shard(s)) for s in side_files]).astype(np.int32), "byte_sidecar"
+                raise DataError(
+                    f"sidecar {s} has {read_shard(s).shape[0]} entries but {f} has {read_shard(f).shape[0]} "
+                    f"tokens; re-run prepare_caseops_data.py"
+                )
+        nbytes, source = (
+            np.concatenate([np.asarray(read_shard(s)) for s in side_files]).astype(np.int32),
+            "byte_sidecar",
+        )
     elif is_caseops_tokenizer(sp):
-        raise DataError(f"CaseOps tokenizer but no byte sidecars match {h.val_bytes_files}: BPB needs the original byte counts "
-                        "(the piece LUT over-counts operators); re-run prepare_caseops_data.py")
+        raise DataError(
+            f"CaseOps tokenizer but no byte sidecars match {h.val_bytes_files}: BPB needs the original byte counts "
+            "(the piece LUT over-counts operators); re-run prepare_caseops_data.py"
+        )
     else:
         base, space, boundary = piece_byte_lut(sp)
         prev = np.concatenate([[BOS_ID], tokens[:-1]])
@@ -404,7 +514,9 @@ def load_val(h, sp):
         raise DataError(f"validation set has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={h.eval_seq_len + 1}")
     if (tokens[:usable] == BOS_ID).sum() == 0:
         raise DataError(f"no BOS (id 1) in {files[0]}: documents must start with BOS; re-run prepare_caseops_data.py")
-    return ValData(torch.from_numpy(tokens[: usable + 1].astype(np.int64)), torch.from_numpy(nbytes[: usable + 1]), source)
+    return ValData(
+        torch.from_numpy(tokens[: usable + 1].astype(np.int64)), torch.from_numpy(nbytes[: usable + 1]), source
+    )
 
 
 def cu_seqlens_for(tokens, max_len, bucket=256, extra_starts=()):
@@ -442,7 +554,10 @@ class TrainLoader:
             self.cursor = int(bos[0]) if len(bos) else 0
             if len(self.tokens) - self.cursor >= self.span:
                 return
-        raise DataError(f"no training shard holds {self.span} tokens (one step's span); use more data or a smaller TRAIN_BATCH_TOKENS")
+        raise DataError(
+            f"no training shard holds {self.span} tokens (one step's span); use more data or a smaller "
+            f"TRAIN_BATCH_TOKENS"
+        )
 
     def _make(self):
         if self.cursor + self.span > len(self.tokens):
@@ -472,14 +587,34 @@ class TrainLoader:
         return tuple(t.to(self.device, non_blocking=True) for t in item)
 
 
+def data_transform_line(h, sp):
+    """The dataset's transform (manifest.json, else the tokenizer's kind); refuses a tokenizer of the other kind."""
+    path = os.path.join(h.datasets_dir, "manifest.json")
+    try:
+        manifest = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare_caseops_data.py") from None
+    transform, caseops = manifest.get("transform"), is_caseops_tokenizer(sp)
+    made_with = (manifest.get("tokenizer") or {}).get("file")  # a CaseOps tokenizer may have made plain data on purpose
+    mismatch = transform is not None and (transform == "caseops") != caseops
+    if mismatch and (not caseops or made_with != os.path.basename(h.tokenizer_path)):
+        raise DataError(f"tokenizer {h.tokenizer_path} {'has' if caseops else 'lacks'} the CaseOps operator pieces but "
+                        f"{h.datasets_dir} holds {transform} data (manifest.json transform: {transform}); "
+                        "set TOKENIZER_PATH to the tokenizer that made it" + (f" ({made_with})" if made_with else ""))
+    transform = transform or ("caseops" if caseops else "none")
+    return f"data_transform: {transform}" + (
+        " (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else ""
+    )
+
+
 # ----------------------------------------------------------------------------- KERNELS
 # Two fused Triton kernels for CUDA training and eval, each behind a torch.library custom op (opaque to
 # torch.compile, with a fake impl and autograd) whose torch path runs off CUDA and states the math:
 #   mlp_up: leaky_relu(x @ w.T, 0.5)^2 in the matmul's epilogue (the pre-activation never reaches memory);
 #   softcap_ce: softcap*tanh + logsumexp + target NLL per row of bf16 logits, and d logits written directly in
 #   the logits' dtype (no fp32 [tokens, vocab] tensor). FUSED_MLP=0 / FUSED_CE_ENABLED=0: the plain expressions.
-# FUSED_CE_ENABLED is on by default (about 2% faster training steps on an H200); FUSED_MLP is opt-in: it saves 2-4 GiB of
-# activations, but its Triton matmul runs at about 2/3 of cuBLAS's speed, so compiled steps get 1-3% slower.
+# FUSED_CE_ENABLED is on by default (about 2% faster training steps on an H200); FUSED_MLP is opt-in: it saves
+# 2-4 GiB of activations, but its Triton matmul runs at about 2/3 of cuBLAS's speed (compiled steps 1-3% slower).
 
 try:
     import triton
@@ -497,9 +632,22 @@ def kernel_ok(x):
 if triton is not None:
     # H100/H200 candidates (the 128 x 128 x 64 ones with 3 stages fit two programs per SM). Key on N, K only: TTT
     # changes the row count every chunk and must not re-tune each time.
-    @triton.autotune([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns) for m, n, k, nw, ns in
-                      ((256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 128, 8, 2), (256, 64, 64, 4, 4),
-                       (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3))], key=["N", "K"])
+    @triton.autotune(
+        [
+            triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns)
+            for m, n, k, nw, ns in (
+                (256, 128, 64, 8, 3),
+                (256, 128, 64, 8, 4),
+                (256, 128, 128, 8, 2),
+                (256, 64, 64, 4, 4),
+                (128, 256, 64, 8, 3),
+                (128, 128, 64, 4, 4),
+                (128, 128, 64, 8, 3),
+                (128, 128, 64, 4, 3),
+            )
+        ],
+        key=["N", "K"],
+    )
     @triton.jit
     def _mlp_up_kernel(x, w, hid, neg, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         nb = tl.cdiv(N, BN)
@@ -509,7 +657,9 @@ if triton is not None:
         wp = w + (rn % N)[None] * K + rk[:, None]
         acc = tl.zeros((BM, BN), tl.float32)
         for k in range(0, K, BK):
-            acc = tl.dot(tl.load(xp, mask=rk[None] < K - k, other=0.0), tl.load(wp, mask=rk[:, None] < K - k, other=0.0), acc)
+            acc = tl.dot(
+                tl.load(xp, mask=rk[None] < K - k, other=0.0), tl.load(wp, mask=rk[:, None] < K - k, other=0.0), acc
+            )
             xp += BK
             wp += BK
         act = tl.where(acc > 0, acc, 0.5 * acc)
@@ -555,7 +705,9 @@ def _mlp_up_triton(x, w):
 def _ce_fwd_triton(z, targets, softcap):
     z = z.contiguous()
     loss, lse = (torch.empty(z.size(0), dtype=torch.float32, device=z.device) for _ in range(2))
-    _ce_fwd_kernel[(z.size(0),)](z, targets.contiguous(), loss, lse, z.size(1), softcap, triton.next_power_of_2(z.size(1)))
+    _ce_fwd_kernel[(z.size(0),)](
+        z, targets.contiguous(), loss, lse, z.size(1), softcap, triton.next_power_of_2(z.size(1))
+    )
     return loss, lse
 
 
@@ -612,7 +764,9 @@ def _(z, targets, softcap):
 
 
 @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
-def softcap_ce_bwd(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, softcap: float) -> torch.Tensor:
+def softcap_ce_bwd(
+    z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, softcap: float
+) -> torch.Tensor:
     """d loss / d z = (softmax - onehot) * (1 - tanh^2) * g per row, in z's dtype."""
     if z.is_cuda and triton is not None:
         return _ce_bwd_triton(z, targets, lse, g, softcap)
@@ -685,9 +839,14 @@ def packed_block_mask(cu, n):
 
     def kv_lists(m):
         m = m.int()
-        return m.sum(-1, dtype=torch.int32)[None, None], torch.argsort(m, dim=-1, descending=True, stable=True).int()[None, None]
+        return (
+            m.sum(-1, dtype=torch.int32)[None, None],
+            torch.argsort(m, dim=-1, descending=True, stable=True).int()[None, None],
+        )
 
-    return BlockMask.from_kv_blocks(*kv_lists(partial), *kv_lists(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(
+        *kv_lists(partial), *kv_lists(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
 
 
 def attention_backend(asked):
@@ -735,7 +894,10 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
     if cu is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     bounds = torch.unique_consecutive(cu).tolist()  # CPU fallback: one causal call per segment, O(sum L^2)
-    outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True) for a, b in zip(bounds[:-1], bounds[1:])]
+    outs = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -854,12 +1016,16 @@ class Block(nn.Module):
 
 def layer_plan(h, depth):
     """Virtual layer list at a recurrence depth, split into encoder/decoder halves."""
-    layers = list(range(h.loop_start)) + list(range(h.loop_start, h.loop_end + 1)) * depth + list(range(h.loop_end + 1, h.num_layers))
+    layers = (
+        list(range(h.loop_start))
+        + list(range(h.loop_start, h.loop_end + 1)) * depth
+        + list(range(h.loop_end + 1, h.num_layers))
+    )
     n_enc = len(layers) // 2
     return layers[:n_enc], layers[n_enc:]
 
 
-def loop_depth_at(frac, h):
+def loop_depth_at(h, frac):
     """Recurrence depth at a fraction of training: the last row of the depth schedule that has started."""
     return [depth for start, depth in h.depth_schedule if frac >= start][-1]
 
@@ -878,7 +1044,9 @@ def head_losses(hid, emb, targets, head_lora, softcap, fused=False):
     """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries;
     fused (FUSED_CE_ENABLED, CUDA): one Triton pass over the bf16 logits instead."""
     if fused and kernel_ok(hid):
-        return softcap_ce(head_logits(hid, emb, head_lora).flatten(0, -2), targets.flatten(), softcap)[0].view(targets.shape)
+        return softcap_ce(head_logits(hid, emb, head_lora).flatten(0, -2), targets.flatten(), softcap)[0].view(
+            targets.shape
+        )
     z = softcap_logits(hid, emb, head_lora, softcap)
     return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
@@ -939,7 +1107,9 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(self.kv_bank[L + i])
                 nn.init.orthogonal_(self.mlp_up_bank[i])
             self.qo_bank[L:].zero_()
-        self.register_buffer("ln_scales", torch.tensor([1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]), persistent=False)
+        self.register_buffer(
+            "ln_scales", torch.tensor([1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]), persistent=False
+        )
         self._rope = {}  # (length, device) -> cos/sin tables
 
     def weights(self, i):
@@ -1005,7 +1175,9 @@ class GPT(nn.Module):
         hid = self.hidden(ids, fwd, cu)
         if cols is not None:
             hid, targets = hid.gather(1, cols[..., None].expand(-1, -1, hid.size(-1))), targets.gather(1, cols)
-        return fwd.fns.head(hid, self.tok_emb.weight, targets, fwd.head_lora, self.h.logit_softcap, self.h.fused_ce_enabled)
+        return fwd.fns.head(
+            hid, self.tok_emb.weight, targets, fwd.head_lora, self.h.logit_softcap, self.h.fused_ce_enabled
+        )
 
     def forward(self, ids, targets, fwd: Fwd, cu=None):
         return self.token_losses(ids, targets, fwd, cu).mean()
@@ -1029,23 +1201,29 @@ class GPT(nn.Module):
         L = self.h.num_layers
         sd = dict(sd)
         for i in range(L):
-            for bank, idx, name in ((self.qo_bank, i, "attn.c_q"), (self.kv_bank, i, "attn.c_k"), (self.kv_bank, L + i, "attn.c_v"),
-                                    (self.qo_bank, L + i, "attn.proj"), (self.mlp_up_bank, i, "mlp.fc"), (self.mlp_down_bank, i, "mlp.proj")):
+            for bank, idx, name in (
+                (self.qo_bank, i, "attn.c_q"),
+                (self.kv_bank, i, "attn.c_k"),
+                (self.kv_bank, L + i, "attn.c_v"),
+                (self.qo_bank, L + i, "attn.proj"),
+                (self.mlp_up_bank, i, "mlp.fc"),
+                (self.mlp_down_bank, i, "mlp.proj"),
+            ):
                 bank[idx].copy_(sd.pop(f"blocks.{i}.{name}.weight"))
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [m for m in missing if not m.endswith("_bank")]
         if missing or unexpected:
-            raise RuntimeError(f"artifact does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"artifact does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
 
 def build_model(h, device):
     model = GPT(h).to(device)
-    model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16) if device.type == "cuda" else model.tok_emb.weight.data
+    model.tok_emb.weight.data = (
+        model.tok_emb.weight.data.to(torch.bfloat16) if device.type == "cuda" else model.tok_emb.weight.data
+    )
     return model
-
-
-def compiled_graphs():
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def param_groups(model):
@@ -1074,17 +1252,19 @@ def newton_schulz(g, steps):
     return x.transpose(-2, -1) if tall else x
 
 
-def muon_momentum_at(step, h):
-    return h.muon_momentum_warmup_start + (h.muon_momentum - h.muon_momentum_warmup_start) * min(step / max(h.muon_momentum_warmup_steps, 1), 1.0)
+def muon_momentum_at(h, step):
+    return h.muon_momentum_warmup_start + (h.muon_momentum - h.muon_momentum_warmup_start) * min(
+        step / max(h.muon_momentum_warmup_steps, 1), 1.0
+    )
 
 
-def lr_mult_at(frac, h):
+def lr_mult_at(h, frac):
     if frac < 1 - h.warmdown_frac:
         return 1.0
     return max((1 - frac) / h.warmdown_frac, h.min_lr)
 
 
-def muon_wd_mult_at(frac, h):
+def muon_wd_mult_at(h, frac):
     if frac <= h.wd_taper_start_frac:
         return 1.0
     t = min((frac - h.wd_taper_start_frac) / max(1 - h.wd_taper_start_frac, 1e-9), 1.0)
@@ -1095,11 +1275,14 @@ class Muon:
     """Banked Muon: gradients are reduce-scattered over the bank dimension, each rank orthogonalises its slices,
     updates are all-gathered. Bank b's all-gather overlaps bank b+1's Newton-Schulz."""
 
-    def __init__(self, banks, h):
+    def __init__(self, h, banks):
         self.banks = sorted(banks, key=lambda p: -p.numel())
         self.h, self.ws, self.rank = h, h.world_size, h.rank
         self.per_rank = [-(-p.size(0) // self.ws) for p in self.banks]
-        self.mom = [torch.zeros(n, *p.shape[1:], device=p.device, dtype=torch.float32) for n, p in zip(self.per_rank, self.banks)]
+        self.mom = [
+            torch.zeros(n, *p.shape[1:], device=p.device, dtype=torch.float32)
+            for n, p in zip(self.per_rank, self.banks)
+        ]
 
     def state_dict(self):
         return [m.clone() for m in self.mom]
@@ -1152,42 +1335,30 @@ class Muon:
         p.add_(full[: p.size(0)].to(p.dtype), alpha=-lr * scale)
 
 
-def all_reduce_mean_(tensors, ws):
-    """Average replicated gradients: big tensors one by one, small ones packed into one buffer."""
-    if ws == 1:
-        return
-    small = [t for t in tensors if t.numel() <= 32768]
-    for t in tensors:
-        if t.numel() > 32768:
-            dist.all_reduce(t)
-            t.div_(ws)
-    if small:
-        flat = torch.cat([t.flatten().float() for t in small])
-        dist.all_reduce(flat)
-        flat.div_(ws)
-        for t, chunk in zip(small, flat.split([t.numel() for t in small])):
-            t.copy_(chunk.view_as(t))
-
-
 class Optimizers:
-    def __init__(self, model, h):
+    def __init__(self, h, model):
         banks, embed, scalars = param_groups(model)
         self.h, self.params = h, list(model.parameters())
         fused = dict(fused=True) if banks[0].is_cuda else {}
         ab = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
-        self.adam = torch.optim.AdamW([dict(params=embed, lr=h.tied_embed_lr, weight_decay=h.embed_wd, base_lr=h.tied_embed_lr),
-                                       dict(params=scalars, lr=h.scalar_lr, weight_decay=h.adam_wd, base_lr=h.scalar_lr)], **ab)
-        self.muon = Muon(banks, h)
+        self.adam = torch.optim.AdamW(
+            [
+                dict(params=embed, lr=h.tied_embed_lr, weight_decay=h.embed_wd, base_lr=h.tied_embed_lr),
+                dict(params=scalars, lr=h.scalar_lr, weight_decay=h.adam_wd, base_lr=h.scalar_lr),
+            ],
+            **ab,
+        )
+        self.muon = Muon(h, banks)
         self.replicated = embed + scalars
 
     def step(self, step, frac):
-        h, mult = self.h, lr_mult_at(frac, self.h)
+        h, mult = self.h, lr_mult_at(self.h, frac)
         torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)  # local, unaveraged grads (as the records)
         all_reduce_mean_([p.grad for p in self.replicated if p.grad is not None], h.world_size)
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * mult
         self.adam.step()
-        self.muon.step(h.matrix_lr * mult, muon_momentum_at(step, h), h.muon_wd * muon_wd_mult_at(frac, h))
+        self.muon.step(h.matrix_lr * mult, muon_momentum_at(h, step), h.muon_wd * muon_wd_mult_at(h, frac))
         for p in self.params:
             p.grad = None
 
@@ -1215,13 +1386,14 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------- QUANTIZATION
-# GPTQ with SDClip row scales (SPEC 6.3), int8 attention-gate rows and fp16 passthrough (6.4),
-# byte-shuffled Brotli/LZMA artifact (6.5), self-extracting code wrapper (6.6), size report (1.2).
+# GPTQ (act-order, Cholesky error feedback) with SDClip row scales, k*std(row)/(2^(bits-1)-1) (PR #1729); int8 rows
+# for the attention gates (PR #1736); fp16 passthrough for small tensors; a byte-shuffled Brotli/LZMA artifact with a
+# CRC32; the self-extracting code wrapper whose bytes count against the 16,000,000-byte cap with the artifact's.
 
 PASSTHROUGH_MAX_NUMEL = 65536
 GATE_NUMEL_RANGE = (1024, 8192)
 SIZE_CAP_BYTES = 16_000_000
-FP16_TINY = 2.0**-24  # smallest positive fp16: SPEC's 1e-10 floor would round to 0 in fp16 and give 0/0 rows
+FP16_TINY = 2.0**-24  # smallest positive fp16: the records' 1e-10 floor rounds to 0 in fp16 and gives 0/0 rows
 
 
 def fp16_row_scale(x):
@@ -1276,14 +1448,14 @@ def gptq_quantize(w, H, bits, clip_sigmas, block_size=128):
     return Q[:, perm.argsort()], scale
 
 
-def gptq_bits_and_clip(name, h):
+def gptq_bits_and_clip(h, name):
     if "tok_emb" in name:
         return h.embed_bits, h.embed_clip_sigmas
     clip = h.mlp_clip_sigmas if ".mlp." in name else h.attn_clip_sigmas if ".attn." in name else h.matrix_clip_sigmas
     return h.matrix_bits, clip
 
 
-def is_quant_gate(name, t, h):
+def is_quant_gate(h, name, t):
     lo, hi = GATE_NUMEL_RANGE
     return h.gated_attn_quant_gate and name.endswith(".attn_gate_w") and t.ndim == 2 and lo <= t.numel() <= hi
 
@@ -1302,15 +1474,15 @@ def quant_summary_lines(meta):
     return [f"  {tag}: {', '.join(sorted(names))}" for tag, names in sorted(groups.items())]
 
 
-def quantize_state_dict(sd, hessians, h):
+def quantize_state_dict(h, sd, hessians):
     w, m = {}, {}
     for name, t in sd.items():
         t = t.detach()
-        if is_quant_gate(name, t, h):
+        if is_quant_gate(h, name, t):
             scale = fp16_row_scale(t.float().abs().amax(dim=1) / 127)
             w[name + ".gq"], w[name + ".gs"], m[name] = round_rows(t, scale, 127).cpu(), scale.cpu(), "gate_int8_row"
         elif name in hessians:
-            bits, clip_sigmas = gptq_bits_and_clip(name, h)
+            bits, clip_sigmas = gptq_bits_and_clip(h, name)
             q, scale = gptq_quantize(t, hessians[name], bits, clip_sigmas)
             w[name + ".q"], w[name + ".scale"], m[name] = q.cpu(), scale.cpu(), f"gptq (int{bits})"
         elif not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL:
@@ -1331,7 +1503,9 @@ def dequantize_state_dict(payload, template):
     for name, t in template.items():
         tag = m[name]
         if tag.startswith("gptq") or tag == "gate_int8_row":
-            q, s = (w[name + ".q"], w[name + ".scale"]) if tag.startswith("gptq") else (w[name + ".gq"], w[name + ".gs"])
+            q, s = (
+                (w[name + ".q"], w[name + ".scale"]) if tag.startswith("gptq") else (w[name + ".gq"], w[name + ".gs"])
+            )
             out[name] = (q.float() * s.float()[:, None]).to(t.dtype)
         elif tag == "passthrough (float16)":
             out[name] = w[name].to(t.dtype)
@@ -1403,11 +1577,13 @@ def unpack_artifact(blob, name="artifact"):
 
 
 def code_wrapper(source_text):
-    """Counted code = this two-line self-extracting stub (SPEC 6.6), not the raw file."""
+    """Counted code = this two-line self-extracting stub (minified source, LZMA, Base85), not the raw file."""
     try:
         import python_minifier
 
-        text = python_minifier.minify(source_text, remove_literal_statements=True, rename_locals=False, hoist_literals=False)
+        text = python_minifier.minify(
+            source_text, remove_literal_statements=True, rename_locals=False, hoist_literals=False
+        )
         minified = True
     except ImportError:
         text, minified = source_text, False
@@ -1426,7 +1602,7 @@ def submission_size_lines(model_bytes, code_bytes, compressor, cap=SIZE_CAP_BYTE
 
 
 @torch.no_grad()
-def collect_hessians(model, h, device, files):
+def collect_hessians(h, model, device, files):
     """X^T X of every GPTQ matrix's input over random training windows (looped, dense causal, eager).
     Reads training data, so it runs inside the training time budget (GPTQ_RESERVE_SECONDS)."""
     hs = {}
@@ -1460,11 +1636,39 @@ def collect_hessians(model, h, device, files):
     return hs
 
 
+def quantize_and_save(h, model, device, log, train_ms):
+    t0 = time.perf_counter()
+    log("GPTQ:collecting Hessians from calibration data...")
+    hessians = collect_hessians(h, model, device, list_shards(h.train_files, "training"))
+    sync(device)
+    calib = time.perf_counter() - t0
+    log(f"GPTQ:collected {len(hessians)} Hessians in {calib:.1f}s")
+    if train_ms and h.max_wallclock_seconds > 0:
+        total = train_ms + 1000 * calib
+        log(f"train_time_with_gptq_calibration: {total:.0f}ms" + ("" if total <= 1000 * h.max_wallclock_seconds else
+            f"  WARNING: over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g}; raise GPTQ_RESERVE_SECONDS"))
+    if h.is_main_process:
+        payload, lines = quantize_state_dict(h, model.unbanked_state_dict(), hessians)
+        log("Quantized weights:")
+        for line in lines:
+            log(line)
+        blob = pack_artifact(payload, h.compressor)
+        with open(h.quantized_model_path, "wb") as f:
+            f.write(blob)
+        wrapper, minified = code_wrapper(open(__file__, encoding="utf-8").read())
+        log(f"Code size (uncompressed): {os.path.getsize(__file__)} bytes")
+        log(
+            f"Code size (compressed): {len(wrapper.encode())} bytes "
+            f"({'minified' if minified else 'not minified: python-minifier absent'})"
+        )
+        lines, ok = submission_size_lines(os.path.getsize(h.quantized_model_path), len(wrapper.encode()), h.compressor)
+        for line in lines:
+            log(line)
+    if h.distributed:
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------- EVALUATION
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 class Score(NamedTuple):
@@ -1486,14 +1690,24 @@ def val_totals(val, docs=None):
     return sum(d.length - 1 for d in docs), sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in docs)
 
 
-def reduce_sums(sums, h):
-    if h.distributed:
-        dist.all_reduce(sums)
-    return sums
+def log_score(name, s, ms, expect, log):
+    """The result line, with the targets and bytes scored; a score that skipped or repeated targets is refused."""
+    log(f"{name} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms "
+        f"val_tokens:{s.tokens} val_bytes:{s.bytes}")
+    if (s.tokens, s.bytes) != expect:
+        raise RuntimeError(f"{name} scored {s.tokens} targets / {s.bytes} bytes but the set holds {expect[0]} / "
+                           f"{expect[1]}: targets were skipped or scored twice; this score is invalid (a scorer bug)")
+
+
+def timed_eval(name, fn, log, expect):
+    t0 = time.perf_counter()
+    s = fn()
+    log_score(name, s, 1000 * (time.perf_counter() - t0), expect, log)
+    return s
 
 
 @torch.no_grad()
-def eval_val(model, val, h, device, fwd):
+def eval_val(h, model, val, device, fwd):
     """Non-overlapping, doc-packed scoring: rows of EVAL_SEQ_LEN sequences, attention within documents."""
     seq, dev_tokens = h.eval_seq_len, val.tokens.to(device)
     n = (len(val.tokens) - 1) // seq
@@ -1506,12 +1720,18 @@ def eval_val(model, val, h, device, fwd):
         cu = cu_seqlens_for(val.tokens[lo:hi].numpy(), seq).to(device)
         with autocast(device):
             loss = model.token_losses(x[None], y[None], fwd, cu)
-        sums += torch.stack([loss.double().sum(), torch.tensor(float(hi - lo), device=device), val.bytes[lo + 1 : hi + 1].double().sum().to(device)])
-    return bpb_from_sums(reduce_sums(sums, h))
+        sums += torch.stack(
+            [
+                loss.double().sum(),
+                torch.tensor(float(hi - lo), device=device),
+                val.bytes[lo + 1 : hi + 1].double().sum().to(device),
+            ]
+        )
+    return bpb_from_sums(reduce_sums(h, sums))
 
 
 @torch.no_grad()
-def eval_sliding(model, val, h, device, log, fwd):
+def eval_sliding(h, model, val, device, log, fwd):
     """Windows of EVAL_SEQ_LEN every EVAL_STRIDE targets, each scoring only its last stride targets (first: all)."""
     check_windows(h, ttt=False)
     W, S, N = h.eval_seq_len, h.eval_stride, len(val.tokens) - 1
@@ -1538,8 +1758,29 @@ def eval_sliding(model, val, h, device, log, fwd):
         sums += torch.stack([(loss.double() * m_dev).sum(), m_dev.double().sum(), (nb * m_dev).sum()])
         if h.is_main_process and (bi // per_fwd) % 50 == 0:
             rl, rb = bpb_from_sums(sums)[:2]
-            log(f"sliding_progress: batch {bi // per_fwd + 1}/{-(-len(mine) // per_fwd)} tokens:{int(sums[1])} running_loss:{rl:.4f} running_bpb:{rb:.4f} elapsed:{time.perf_counter() - t0:.1f}s")
-    return bpb_from_sums(reduce_sums(sums, h))
+            log(
+                f"sliding_progress: batch {bi // per_fwd + 1}/{-(-len(mine) // per_fwd)} tokens:{int(sums[1])} "
+                f"running_loss:{rl:.4f} running_bpb:{rb:.4f} elapsed:{time.perf_counter() - t0:.1f}s"
+            )
+    return bpb_from_sums(reduce_sums(h, sums))
+
+
+def read_artifact(path):
+    with open(path, "rb") as f:
+        return unpack_artifact(f.read(), path)
+
+
+def load_artifact_model(h, device, path):
+    payload = read_artifact(path)  # before building anything: a bad file fails at once
+    model = build_model(h, device)
+    template = {k: v.cpu() for k, v in model.unbanked_state_dict().items()}
+    try:
+        sd = dequantize_state_dict(payload, template)
+    except ValueError as e:
+        raise DataError(f"{path} does not fit this model ({e}); set the model settings (NUM_LAYERS, MODEL_DIM, ...) "
+                        "of the run that made it") from None
+    model.load_unbanked(sd)
+    return model
 
 
 # ----------------------------------------------------------------------------- TEST-TIME TRAINING
@@ -1558,7 +1799,7 @@ def find_docs(tokens):
     return [Doc(s, e - s + 1) for s, e in zip(bos, ends) if e > s]
 
 
-def ttt_schedule(docs, h):
+def ttt_schedule(h, docs):
     """Batches of TTT_BATCH_SIZE docs sorted by length, processed longest first; phase p ends after the batch that
     holds prefix doc boundary_p. Returns (queue of doc-index lists, boundaries, batches per phase end)."""
     order = sorted(range(len(docs)), key=lambda i: (docs[i].length, i))
@@ -1577,7 +1818,9 @@ class WorkClaimer:
     def __init__(self, h):
         self.h, self.local = h, {}
         self.store = dist.distributed_c10d._get_default_store() if h.distributed else None
-        if self.store is not None:  # one namespace per evaluation, agreed by all ranks (RUN_ID is a per-process uuid if unset)
+        if (
+            self.store is not None
+        ):  # one namespace per evaluation, agreed by all ranks (RUN_ID is a per-process uuid if unset)
             ns = [uuid.uuid4().hex]
             dist.broadcast_object_list(ns, src=0)
             self.ns = ns[0]
@@ -1624,7 +1867,7 @@ def ttt_block_fns(h):
     return BlockFns(seq_fn, par_fn, head_fn)
 
 
-def new_adapters(model, h, bsz, device, gen):
+def new_adapters(h, model, bsz, device, gen):
     """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head."""
     d, kvd, V, r = h.model_dim, model.kv_bank.size(1), h.vocab_size, h.ttt_lora_rank
 
@@ -1648,7 +1891,7 @@ def _rows(loras, head, rows):
     return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
 
 
-def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None):
+def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
     Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
     Row bookkeeping stays on the CPU (no device syncs); the scored columns are always among a row's last C."""
@@ -1656,7 +1899,7 @@ def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None
     starts = torch.tensor([d.start for d in docs])
     pred = torch.tensor([d.length - 1 for d in docs])
     n_chunks = (pred + C - 1) // C
-    loras, head, opt = new_adapters(model, h, len(docs), device, gen)
+    loras, head, opt = new_adapters(h, model, len(docs), device, gen)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         rows = torch.nonzero(n_chunks > c).flatten()
@@ -1668,7 +1911,9 @@ def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None
         meta = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()])
         live = len(rows)
         if live == 1:  # a padding row rides along, nothing scored or trained: one row would need its own graphs
-            rows, meta = torch.cat([rows, (rows + 1) % len(docs)]), torch.cat([meta, torch.tensor([[0], [1], [C + 1], [0]])], 1)
+            rows, meta = torch.cat([rows, (rows + 1) % len(docs)]), torch.cat(
+                [meta, torch.tensor([[0], [1], [C + 1], [0]])], 1
+            )
         base, lim, first, upd = meta.to(device, non_blocking=True)
         col = torch.arange(width, device=device)
         valid = col < lim[:, None]
@@ -1679,13 +1924,17 @@ def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None
         cols = cols.clamp_min(0)
         nbytes = bytes_dev[base[:, None] + cols + 1].double()
         for step in range(h.ttt_grad_steps if update.any() else 1):
-            sub_loras, sub_head = (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
+            sub_loras, sub_head = (
+                (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
+            )
             with autocast(device):
                 loss = model.token_losses(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
             if step == 0:
                 with torch.no_grad():
                     m = scored.double()
-                    sums += torch.stack([(loss.detach().double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_tensor(x.numel())])
+                    sums += torch.stack(
+                        [(loss.detach().double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_tensor(x.numel())]
+                    )
                     if per_doc is not None:
                         for i, k in enumerate(rows[:live].tolist()):
                             per_doc[docs[k].start].append(loss.detach()[i][scored[i]].cpu())
@@ -1697,7 +1946,7 @@ def ttt_batch(model, fns, val_dev, bytes_dev, docs, h, device, gen, per_doc=None
     return sums
 
 
-def global_sgd_loss(model, chunk, h, device):
+def global_sgd_loss(h, model, chunk, device):
     """This rank's share of one global-SGD chunk (CPU tokens, targets included): its whole TTT_EVAL_SEQ_LEN
     sequences, each its own segment (same math on any rank count); None when it has none. Scaled so that the
     rank average of the gradients is the chunk's token mean."""
@@ -1720,7 +1969,7 @@ def global_sgd_docs(docs, scored_batches, boundary):
     return [docs[i] for b in reversed(scored_batches) for i in b][:boundary]
 
 
-def global_sgd(model, val, docs, h, device, log, phase):
+def global_sgd(h, model, val, docs, device, log, phase):
     """Phase step of PR #1626's phased TTT: plain SGD on the base model over already-scored documents only."""
     if not docs:  # boundary 0 (PHASED_TTT_PREFIX_DOCS < phases): nothing scored to train on yet
         return
@@ -1736,7 +1985,9 @@ def global_sgd(model, val, docs, h, device, log, phase):
             lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = global_sgd_loss(model, toks[c * h.global_ttt_chunk_tokens : (c + 1) * h.global_ttt_chunk_tokens + 1], h, device)
+            loss = global_sgd_loss(
+                h, model, toks[c * h.global_ttt_chunk_tokens : (c + 1) * h.global_ttt_chunk_tokens + 1], device
+            )
             if loss is not None:
                 loss.backward()
             for p in params:
@@ -1752,7 +2003,39 @@ def global_sgd(model, val, docs, h, device, log, phase):
         p.requires_grad_(False)
 
 
-def ttt_docs(val, h):
+def ttt_warmup(h, model, fns, device, log):
+    """Compile before the eval timer, on random tokens (no validation data): the LoRA forward for a full batch of short
+    documents and one long one (many rows, the padded lone row, rows past the window), then one global-SGD
+    forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
+    t0, g0 = time.perf_counter(), compiled_graphs()
+    log("ttt_lora:warming up compile (random tokens, no val data)")
+    model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
+    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
+    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + 3 * C + 1]
+    starts = np.cumsum([0] + lens[:-1])
+    toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
+    toks[torch.from_numpy(starts).to(device)] = BOS_ID
+    ttt_batch(
+        h,
+        model,
+        fns,
+        toks,
+        torch.ones_like(toks),
+        [Doc(int(s), n) for s, n in zip(starts, lens)],
+        device,
+        torch.Generator(device=device).manual_seed(0),
+    )
+    if h.phased_ttt_prefix_docs > 0:
+        model.requires_grad_(True)
+        loss = global_sgd_loss(h, model, torch.randint(8, h.vocab_size, (h.global_ttt_chunk_tokens + 1,)), device)
+        if loss is not None:
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+    log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
+
+
+def ttt_docs(h, val):
     """The documents phased TTT scores: all of them, or a seeded VAL_DOC_FRACTION sample (a quick partial score)."""
     docs = find_docs(val.tokens)
     if h.val_doc_fraction < 1:
@@ -1761,12 +2044,15 @@ def ttt_docs(val, h):
     return docs
 
 
-def eval_ttt_phased(model, fns, val, h, device, log, per_doc=None):
+def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
     """Phased score-first TTT (PR #1626): every target is scored once, before any update that could see it."""
     check_windows(h, sliding=False)
-    docs = ttt_docs(val, h)
-    batches, bounds, ends = ttt_schedule(docs, h)
-    log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}")
+    docs = ttt_docs(h, val)
+    batches, bounds, ends = ttt_schedule(h, docs)
+    log(
+        f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} "
+        f"suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}"
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     val_dev, bytes_dev = val.tokens.to(device), val.bytes.to(device)
@@ -1775,53 +2061,37 @@ def eval_ttt_phased(model, fns, val, h, device, log, per_doc=None):
     for phase, (lo, hi) in enumerate(segments):
         while (q := lo + claimer.claim(f"seg{phase}")) < hi:
             gen = torch.Generator(device=device).manual_seed(h.seed * 1000003 + q)
-            bs = ttt_batch(model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], h, device, gen, per_doc)
+            bs = ttt_batch(h, model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], device, gen, per_doc)
             sums += bs
             if h.is_main_process:
                 bl, bb = bpb_from_sums(bs)[:2]
                 rl, rb = bpb_from_sums(sums)[:2]
                 lens = [docs[i].length for i in batches[q]]
-                log(f"ttp: b{len(batches) - q}/{len(batches)} bl:{bl:.4f} bb:{bb:.4f} rl:{rl:.4f} rb:{rb:.4f} dl:{min(lens)}-{max(lens)} gd:{min(phase, len(bounds))}")
+                log(
+                    f"ttp: b{len(batches) - q}/{len(batches)} bl:{bl:.4f} bb:{bb:.4f} rl:{rl:.4f} rb:{rb:.4f} "
+                    f"dl:{min(lens)}-{max(lens)} gd:{min(phase, len(bounds))}"
+                )
         if phase < len(bounds):
             prefix = global_sgd_docs(docs, batches[:hi], bounds[phase])
-            log(f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} t:{time.perf_counter() - t0:.1f}s")
-            global_sgd(model, val, prefix, h, device, log, phase)
+            log(
+                f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} "
+                f"t:{time.perf_counter() - t0:.1f}s"
+            )
+            global_sgd(h, model, val, prefix, device, log, phase)
             log(f"ttpr: phase:{phase + 1}/{len(bounds)} t:{time.perf_counter() - t0:.1f}s")
-    sums = reduce_sums(sums, h)
+    sums = reduce_sums(h, sums)
     t = time.perf_counter() - t0
-    log(f"ttt_throughput: row_tokens:{int(sums[3])} scored_tokens:{int(sums[1])} row_tok/s_per_gpu:{sums[3].item() / t / h.world_size:.0f}")
+    log(
+        f"ttt_throughput: row_tokens:{int(sums[3])} scored_tokens:{int(sums[1])} "
+        f"row_tok/s_per_gpu:{sums[3].item() / t / h.world_size:.0f}"
+    )
     return bpb_from_sums(sums)
 
 
 # ----------------------------------------------------------------------------- TRAINING
 
 
-class Logger:
-    file = None  # this process's open run log, for the error line of a DataError raised after it was opened
-
-    def __init__(self, h):
-        self.main = h.is_main_process
-        if self.main:
-            os.makedirs(os.path.dirname(h.logfile), exist_ok=True)
-            self.f = Logger.file = open(h.logfile, "a", encoding="utf-8")
-
-    def __call__(self, msg=""):
-        if self.main:
-            print(msg, flush=True)
-            self.file_only(msg)
-
-    def file_only(self, msg):
-        if self.main:
-            self.f.write(msg + "\n")
-            self.f.flush()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def training_step(model, opt, loader, h, device, step, frac, fwd):
+def training_step(h, model, opt, loader, device, step, frac, fwd):
     total = 0.0
     for _ in range(h.grad_accum_steps):
         x, y, cu = loader.next_batch()
@@ -1833,7 +2103,7 @@ def training_step(model, opt, loader, h, device, step, frac, fwd):
     return total / h.grad_accum_steps
 
 
-def warmup(model, opt, h, device, log, fns):
+def warmup(h, model, opt, device, log, fns):
     """Compile every graph the run will need (each depth of the schedule and TRAIN_LOOP_PREWARM_DEPTHS) before the
     timer starts, then restore the initial state."""
     if h.warmup_steps <= 0:
@@ -1844,7 +2114,7 @@ def warmup(model, opt, h, device, log, fns):
     t0 = time.perf_counter()
     for s in range(h.warmup_steps):
         depth = depths[s % len(depths)]
-        training_step(model, opt, loader, h, device, s, 0.0, Fwd(depth, fns))
+        training_step(h, model, opt, loader, device, s, 0.0, Fwd(depth, fns))
         if s < 6 or s + 1 in (10, h.warmup_steps):
             sync(device)
             log(f"warmup_step: {s + 1}/{h.warmup_steps} depth:{depth} t:{time.perf_counter() - t0:.1f}s")
@@ -1852,9 +2122,9 @@ def warmup(model, opt, h, device, log, fns):
     opt.load_state_dict(opt_state)
 
 
-def train(model, h, device, log, val, fns):
-    opt = Optimizers(model, h)
-    warmup(model, opt, h, device, log, fns)
+def train(h, model, device, log, val, fns):
+    opt = Optimizers(h, model)
+    warmup(h, model, opt, device, log, fns)
     torch.manual_seed(h.seed)
     ema, loader = EMA(model, h.ema_decay), TrainLoader(h, device)
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else 0
@@ -1871,7 +2141,7 @@ def train(model, h, device, log, val, fns):
         if h.val_loss_every > 0 and (step % h.val_loss_every == 0 or last):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = eval_val(model, val, h, device, Fwd(h.eval_loop_depth, fns))[:2]  # the records' depth
+            vl, vb = eval_val(h, model, val, device, Fwd(h.eval_loop_depth, fns))[:2]  # the records' depth
             log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(device)
             t0 = time.perf_counter()
@@ -1879,12 +2149,12 @@ def train(model, h, device, log, val, fns):
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         frac = elapsed / cap_ms if cap_ms else step / h.iterations
-        depth = loop_depth_at(frac, h)
+        depth = loop_depth_at(h, frac)
         if depth != fwd.depth:
             enc, dec = layer_plan(h, depth)
             log(f"layer_loop:phase step:{step} frac:{frac:.3f} depth:{depth} encoder:{enc} decoder:{dec}")
             fwd = Fwd(depth, fns)
-        loss = training_step(model, opt, loader, h, device, step, frac, fwd)
+        loss = training_step(h, model, opt, loader, device, step, frac, fwd)
         ema.update()
         step += 1
         sync(device)
@@ -1894,13 +2164,18 @@ def train(model, h, device, log, val, fns):
             dist.all_reduce(stats)
         loss, stop = stats.tolist()
         if step <= 5 or step % h.train_log_every == 0:
-            log(f"{step}/{h.iterations} train_loss: {loss / h.world_size:.4f} train_time: {elapsed / 60000:.1f}m tok/s: {step * h.micro_batch_tokens * h.grad_accum_steps * h.world_size / (elapsed / 1000):.0f}")
+            tok_s = step * h.train_batch_tokens / (elapsed / 1000)
+            log(f"{step}/{h.iterations} train_loss: {loss / h.world_size:.4f} "
+                f"train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
         stop = stop > 0
     train_ms += 1000 * (time.perf_counter() - t0) if h.val_loss_every <= 0 else 0
     if stop:
         log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
     if device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        log(
+            f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: "
+            f"{torch.cuda.max_memory_reserved() // 2**20} MiB"
+        )
     log("ema:applying EMA weights")
     ema.apply()
     return train_ms
@@ -1909,134 +2184,29 @@ def train(model, h, device, log, val, fns):
 # ----------------------------------------------------------------------------- MAIN
 
 
-def data_transform_line(h, sp):
-    """The dataset's transform (manifest.json, else the tokenizer's kind); refuses a tokenizer of the other kind."""
-    path = os.path.join(h.datasets_dir, "manifest.json")
-    try:
-        manifest = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare_caseops_data.py") from None
-    transform, caseops = manifest.get("transform"), is_caseops_tokenizer(sp)
-    made_with = (manifest.get("tokenizer") or {}).get("file")  # a CaseOps tokenizer may have made plain data on purpose
-    mismatch = transform is not None and (transform == "caseops") != caseops
-    if mismatch and (not caseops or made_with != os.path.basename(h.tokenizer_path)):
-        raise DataError(f"tokenizer {h.tokenizer_path} {'has' if caseops else 'lacks'} the CaseOps operator pieces but "
-                        f"{h.datasets_dir} holds {transform} data (manifest.json transform: {transform}); "
-                        "set TOKENIZER_PATH to the tokenizer that made it" + (f" ({made_with})" if made_with else ""))
-    transform = transform or ("caseops" if caseops else "none")
-    return f"data_transform: {transform}" + (" (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else "")
-
-
-def log_score(name, s, ms, expect, log):
-    """The result line, with the targets and bytes scored; a score that skipped or repeated targets is refused."""
-    log(f"{name} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms "
-        f"val_tokens:{s.tokens} val_bytes:{s.bytes}")
-    if (s.tokens, s.bytes) != expect:
-        raise RuntimeError(f"{name} scored {s.tokens} targets / {s.bytes} bytes but the set holds {expect[0]} / "
-                           f"{expect[1]}: targets were skipped or scored twice; this score is invalid (a scorer bug)")
-
-
-def timed_eval(name, fn, log, expect):
-    t0 = time.perf_counter()
-    s = fn()
-    log_score(name, s, 1000 * (time.perf_counter() - t0), expect, log)
-    return s
-
-
-def read_artifact(path):
-    with open(path, "rb") as f:
-        return unpack_artifact(f.read(), path)
-
-
-def load_artifact_model(h, device, path):
-    payload = read_artifact(path)  # before building anything: a bad file fails at once
-    model = build_model(h, device)
-    template = {k: v.cpu() for k, v in model.unbanked_state_dict().items()}
-    try:
-        sd = dequantize_state_dict(payload, template)
-    except ValueError as e:
-        raise DataError(f"{path} does not fit this model ({e}); set the model settings (NUM_LAYERS, MODEL_DIM, ...) "
-                        "of the run that made it") from None
-    model.load_unbanked(sd)
-    return model
-
-
-def ttt_warmup(model, fns, h, device, log):
-    """Compile before the eval timer, on random tokens (no validation data): the LoRA forward for a full batch of short
-    documents and one long one (many rows, the padded lone row, rows past the window), then one global-SGD
-    forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
-    t0, g0 = time.perf_counter(), compiled_graphs()
-    log("ttt_lora:warming up compile (random tokens, no val data)")
-    model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
-    C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
-    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + 3 * C + 1]
-    starts = np.cumsum([0] + lens[:-1])
-    toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
-    toks[torch.from_numpy(starts).to(device)] = BOS_ID
-    ttt_batch(model, fns, toks, torch.ones_like(toks), [Doc(int(s), n) for s, n in zip(starts, lens)], h, device,
-              torch.Generator(device=device).manual_seed(0))
-    if h.phased_ttt_prefix_docs > 0:
-        model.requires_grad_(True)
-        loss = global_sgd_loss(model, torch.randint(8, h.vocab_size, (h.global_ttt_chunk_tokens + 1,)), h, device)
-        if loss is not None:
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        model.requires_grad_(False)
-    log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s, {compiled_graphs() - g0} graphs)")
-
-
 def evaluate_artifact(h, device, log, val, path, t_start, fns):
     model, fwd = load_artifact_model(h, device, path), Fwd(h.eval_loop_depth, fns)
-    timed_eval("diagnostic quantized", lambda: eval_val(model, val, h, device, fwd), log, val_totals(val))
+    timed_eval("diagnostic quantized", lambda: eval_val(h, model, val, device, fwd), log, val_totals(val))
     if h.sliding_window_enabled:
-        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(model, val, h, device, log, fwd), log,
+        timed_eval("diagnostic quantized_sliding_window", lambda: eval_sliding(h, model, val, device, log, fwd), log,
                    val_totals(val))
     if not h.ttt_enabled:
         return
     ttt_fns = ttt_block_fns(h)
     if h.ttt_compile:
-        ttt_warmup(model, ttt_fns, h, device, log)
+        ttt_warmup(h, model, ttt_fns, device, log)
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()
-    score = eval_ttt_phased(model, ttt_fns, val, h, device, log)
+    score = eval_ttt_phased(h, model, ttt_fns, val, device, log)
     sync(device)
     t = time.perf_counter() - t0
     if h.ttt_compile:
         log(f"ttt_lora:graphs compiled inside the timer: {compiled_graphs() - g0}")
-    subset = ttt_docs(val, h) if h.val_doc_fraction < 1 else None  # else the whole set, not find_docs' idea of it
+    subset = ttt_docs(h, val) if h.val_doc_fraction < 1 else None  # else the whole set, not find_docs' idea of it
     log_score("quantized_ttt_phased", score, 1000 * t, val_totals(val, subset), log)
     log(f"total_eval_time:{t:.1f}s")
     log(f"eval_wall_time:{time.perf_counter() - t_start:.1f}s (deserialisation, diagnostics, warm-up and TTT)")
-
-
-def quantize_and_save(model, h, device, log, train_ms):
-    t0 = time.perf_counter()
-    log("GPTQ:collecting Hessians from calibration data...")
-    hessians = collect_hessians(model, h, device, list_shards(h.train_files, "training"))
-    sync(device)
-    calib = time.perf_counter() - t0
-    log(f"GPTQ:collected {len(hessians)} Hessians in {calib:.1f}s")
-    if train_ms and h.max_wallclock_seconds > 0:
-        total = train_ms + 1000 * calib
-        log(f"train_time_with_gptq_calibration: {total:.0f}ms" + ("" if total <= 1000 * h.max_wallclock_seconds else
-            f"  WARNING: over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g}; raise GPTQ_RESERVE_SECONDS"))
-    if h.is_main_process:
-        payload, lines = quantize_state_dict(model.unbanked_state_dict(), hessians, h)
-        log("Quantized weights:")
-        for line in lines:
-            log(line)
-        blob = pack_artifact(payload, h.compressor)
-        with open(h.quantized_model_path, "wb") as f:
-            f.write(blob)
-        wrapper, minified = code_wrapper(open(__file__, encoding="utf-8").read())
-        log(f"Code size (uncompressed): {os.path.getsize(__file__)} bytes")
-        log(f"Code size (compressed): {len(wrapper.encode())} bytes ({'minified' if minified else 'not minified: python-minifier absent'})")
-        lines, ok = submission_size_lines(os.path.getsize(h.quantized_model_path), len(wrapper.encode()), h.compressor)
-        for line in lines:
-            log(line)
-    if h.distributed:
-        dist.barrier()
 
 
 def main():
@@ -2046,8 +2216,11 @@ def main():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if h.distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=h.dist_timeout_seconds),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=h.dist_timeout_seconds),
+            device_id=device if device.type == "cuda" else None,
+        )
     torch._dynamo.config.cache_size_limit = 32
     random_seed(h.seed)
     t_start = time.perf_counter()
@@ -2073,10 +2246,14 @@ def main():
     if h.eval_only:
         path = h.artifact or h.quantized_model_path
         if not os.path.isfile(path):
-            raise DataError(f"EVAL_ONLY=1 but artifact {path} does not exist; set ARTIFACT=path/to/final_model.int6.ptz")
+            raise DataError(
+                f"EVAL_ONLY=1 but artifact {path} does not exist; set ARTIFACT=path/to/final_model.int6.ptz"
+            )
         evaluate_artifact(h, device, log, val, path, t_start, compiled_block_fns(h))
         return
-    log(f"train_shards: {len(check_shards(h.train_files, 'training'))}")  # all of them now, not when training gets there
+    log(
+        f"train_shards: {len(check_shards(h.train_files, 'training'))}"
+    )  # all of them now, not when training gets there
     model, fns = build_model(h, device), compiled_block_fns(h)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_ms = 0.0
@@ -2084,22 +2261,19 @@ def main():
         log(f"resume_from:{h.resume_from} (skipping training)")
         model.load_state_dict(torch.load(h.resume_from, map_location=device))
     else:
-        train_ms = train(model, h, device, log, val, fns)
+        train_ms = train(h, model, device, log, val, fns)
         if h.is_main_process:
             torch.save(model.state_dict(), h.model_path)
             log(f"Serialized model: {os.path.getsize(h.model_path)} bytes")
-    timed_eval("diagnostic pre-quantization post-ema", lambda: eval_val(model, val, h, device, Fwd(h.eval_loop_depth, fns)),
-               log, val_totals(val))
-    quantize_and_save(model, h, device, log, train_ms)
+    timed_eval(
+        "diagnostic pre-quantization post-ema",
+        lambda: eval_val(h, model, val, device, Fwd(h.eval_loop_depth, fns)),
+        log,
+        val_totals(val),
+    )
+    quantize_and_save(h, model, device, log, train_ms)
     del model
     evaluate_artifact(h, device, log, val, h.quantized_model_path, time.perf_counter(), fns)
-
-
-def random_seed(seed):
-    import random
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def exit_on_data_error(e, grace_s=10):

@@ -98,7 +98,7 @@ def capture_sums(monkeypatch):
 def ttt_scores(model, val, h, log=quiet):
     """Run eval_ttt_phased on a copy of the model (global SGD updates it in place); per-target scores per document."""
     per_doc = defaultdict(list)
-    res = tg.eval_ttt_phased(copy.deepcopy(model), tg.EAGER, val, h, CPU, log, per_doc)
+    res = tg.eval_ttt_phased(h, copy.deepcopy(model), tg.EAGER, val, CPU, log, per_doc)
     return res, {s: torch.cat(v) for s, v in per_doc.items()}, per_doc
 
 
@@ -140,14 +140,14 @@ def test_eval_val_matches_hand_computation():
     assert all(d.length - 1 <= h.eval_seq_len for d in docs)
     nll = sum(doc_alone_losses(m, val, d).double().sum().item() for d in docs)
     n, nbytes = len(val.tokens) - 1, int(val.bytes[1:].sum())
-    loss, bpb, ntok, got_bytes = tg.eval_val(m, val, h, CPU, ev(h))
+    loss, bpb, ntok, got_bytes = tg.eval_val(h, m, val, CPU, ev(h))
     assert (ntok, got_bytes) == (n, nbytes)
     assert loss == pytest.approx(nll / n, rel=1e-6)
     assert bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
     # several rows per batch (row boundaries fall between documents of exactly one row) give the same numbers
     val2 = make_val([32, 32, 64, 20, 44], seed=1)
-    a = tg.eval_val(m, val2, h, CPU, ev(h))
-    b = tg.eval_val(m, val2, tiny_h(val_batch_tokens=64), CPU, ev(h))
+    a = tg.eval_val(h, m, val2, CPU, ev(h))
+    b = tg.eval_val(tiny_h(val_batch_tokens=64), m, val2, CPU, ev(h))
     assert a == pytest.approx(b, rel=1e-6)
 
 
@@ -176,7 +176,7 @@ def test_ttt_schedule_longest_first_and_phase_ends():
     lens = [5, 17, 3, 40, 17, 9, 22, 11, 30, 2]
     docs = [tg.Doc(100 * i, L) for i, L in enumerate(lens)]
     h = tiny_h(ttt_batch_size=4, phased_ttt_prefix_docs=7, phased_ttt_num_phases=3)
-    batches, bounds, ends = tg.ttt_schedule(docs, h)
+    batches, bounds, ends = tg.ttt_schedule(h, docs)
     asc = sorted(range(len(lens)), key=lambda i: (lens[i], i))
     # ascending batches of 4, queue reversed: the remainder batch (the 2 longest documents) is processed first
     assert batches == [asc[8:], asc[4:8], asc[:4]]
@@ -189,11 +189,11 @@ def test_ttt_schedule_longest_first_and_phase_ends():
     for b, e in zip(bounds, ends):  # phase ends after exactly the batch holding its boundary document
         assert done[e - 1] >= b and (e == 1 or done[e - 2] < b)
     # an exact multiple has no short batch; prefix larger than the set is clipped; prefix 0 = no phases
-    b8, _, _ = tg.ttt_schedule(docs[:8], h)
+    b8, _, _ = tg.ttt_schedule(h, docs[:8])
     assert [len(b) for b in b8] == [4, 4]
-    _, bounds, ends = tg.ttt_schedule(docs, tiny_h(phased_ttt_prefix_docs=50, phased_ttt_num_phases=2))
+    _, bounds, ends = tg.ttt_schedule(tiny_h(phased_ttt_prefix_docs=50, phased_ttt_num_phases=2), docs)
     assert bounds == [5, 10] and ends == [2, 3]
-    assert tg.ttt_schedule(docs, tiny_h(phased_ttt_prefix_docs=0, phased_ttt_num_phases=3))[1:] == ([], [])
+    assert tg.ttt_schedule(tiny_h(phased_ttt_prefix_docs=0, phased_ttt_num_phases=3), docs)[1:] == ([], [])
 
 
 def test_work_claimer_single_process():
@@ -220,7 +220,7 @@ def test_scores_are_full_vocabulary_softmax(with_lora):
     loras = head = None
     if with_lora:
         gen = torch.Generator().manual_seed(0)
-        loras, head, _ = tg.new_adapters(m, h, 1, CPU, gen)
+        loras, head, _ = tg.new_adapters(h, m, 1, CPU, gen)
         with torch.no_grad():  # trained-looking adapters: B = 0 would leave the logits unchanged
             for ab in [ab for l in loras for ab in l if ab is not None] + [head]:
                 ab[1].normal_(0, 0.3, generator=gen)
@@ -249,19 +249,19 @@ def test_single_pass_eval_val_and_sliding(monkeypatch):
     n, nbytes = len(val.tokens) - 1, val.bytes[1:].double().sum().item()
     assert val.bytes[-1] > 0  # target bytes, not input bytes: the two totals differ by the last token's bytes
     seen = capture_sums(monkeypatch)
-    tg.eval_val(m, val, h, CPU, ev(h))
+    tg.eval_val(h, m, val, CPU, ev(h))
     assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
     for stride in (16, 28, 64):  # windows ending exactly at N and a partial last window
-        tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet, ev(h))
+        tg.eval_sliding(tiny_h(eval_stride=stride), m, val, CPU, quiet, ev(h))
         assert seen[-1][1].item() == n and seen[-1][2].item() == nbytes
     short = make_val([20, 30])  # N <= window: one window scoring everything
-    tg.eval_sliding(m, short, h, CPU, quiet, ev(h))
+    tg.eval_sliding(h, m, short, CPU, quiet, ev(h))
     assert seen[-1][1].item() == 50 and seen[-1][2].item() == short.bytes[1:].double().sum().item()
     # the per-rank shares of eval_val and eval_sliding add up to every target once (each rank's own sums, as if
     # there were no other rank to all-reduce with)
     monkeypatch.setattr(tg, "reduce_sums", lambda *a: next(x for x in a if isinstance(x, torch.Tensor)))
     for ws in (2, 3):
-        for fn in (lambda hh: tg.eval_val(m, val, hh, CPU, ev(hh)), lambda hh: tg.eval_sliding(m, val, hh, CPU, quiet, ev(hh))):
+        for fn in (lambda hh: tg.eval_val(hh, m, val, CPU, ev(hh)), lambda hh: tg.eval_sliding(hh, m, val, CPU, quiet, ev(hh))):
             total = torch.zeros(3, dtype=torch.float64)
             for r in range(ws):
                 fn(tiny_h(rank=r, world_size=ws, eval_stride=20))
@@ -298,7 +298,7 @@ def test_ttt_more_phases_than_prefix_docs(monkeypatch):
     h = tiny_h(phased_ttt_prefix_docs=2, phased_ttt_num_phases=3)
     m = tiny_model(h)
     val = make_val([40, 17, 60, 5])
-    assert tg.ttt_schedule(tg.find_docs(val.tokens), h)[1] == [0, 1, 2]
+    assert tg.ttt_schedule(h, tg.find_docs(val.tokens))[1] == [0, 1, 2]
     seen = capture_sums(monkeypatch)
     ttt_scores(m, val, h)
     assert seen[-1][1].item() == len(val.tokens) - 1
@@ -310,9 +310,9 @@ def test_windows_that_would_skip_targets_are_refused():
     m = tiny_model(tiny_h())
     val = make_val([40, 24])
     with pytest.raises(tg.ConfigError, match="TTT_CHUNK_SIZE"):
-        tg.eval_ttt_phased(m, tg.EAGER, val, tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), CPU, quiet)
+        tg.eval_ttt_phased(tiny_h(ttt_chunk_size=16, ttt_eval_seq_len=8), m, tg.EAGER, val, CPU, quiet)
     with pytest.raises(tg.ConfigError, match="EVAL_STRIDE"):
-        tg.eval_sliding(m, val, tiny_h(eval_stride=100), CPU, quiet, ev(m.h))
+        tg.eval_sliding(tiny_h(eval_stride=100), m, val, CPU, quiet, ev(m.h))
     # refused at startup too (these used to fail only after training), where the evaluation is enabled
     with pytest.raises(tg.ConfigError, match="EVAL_STRIDE=4096 must be in 1..EVAL_SEQ_LEN=2048"):
         make_h(sliding_window_enabled=True, eval_stride=4096)
@@ -347,8 +347,8 @@ def test_scored_counts_are_the_val_tokens_and_original_utf8_bytes(prepared_data,
     tail = val._replace(tokens=val.tokens[start:], bytes=val.bytes[start:])
     want = (len(tail.tokens) - 1, utf8(docs[9:12]))
     m = tiny_model(h)
-    assert tg.eval_val(m, tail, make_h(eval_seq_len=want[0], **tiny), CPU, ev(m.h))[2:] == want
-    assert tg.eval_sliding(m, tail, make_h(eval_seq_len=256, eval_stride=128, **tiny), CPU, quiet, ev(m.h))[2:] == want
+    assert tg.eval_val(make_h(eval_seq_len=want[0], **tiny), m, tail, CPU, ev(m.h))[2:] == want
+    assert tg.eval_sliding(make_h(eval_seq_len=256, eval_stride=128, **tiny), m, tail, CPU, quiet, ev(m.h))[2:] == want
 
 
 def artifact_of(model, path):
@@ -371,7 +371,7 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
     got = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(line_re, "\n".join(lines), re.M)}
     full = (len(val.tokens) - 1, int(val.bytes[1:].sum()))
     assert got["diagnostic quantized"] == got["diagnostic quantized_sliding_window"] == full
-    subset = tg.ttt_docs(val, h)
+    subset = tg.ttt_docs(h, val)
     assert 0 < len(subset) < len(tg.find_docs(val.tokens))
     assert got["quantized_ttt_phased"] == (sum(d.length - 1 for d in subset),
                                            sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in subset))
@@ -392,7 +392,7 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
 
 def run_batch(model, h, tokens, nbytes, docs, seed=5, fns=tg.EAGER):
     per_doc = defaultdict(list)
-    sums = tg.ttt_batch(model, fns, tokens, nbytes, docs, h, CPU, torch.Generator().manual_seed(seed), per_doc)
+    sums = tg.ttt_batch(h, model, fns, tokens, nbytes, docs, CPU, torch.Generator().manual_seed(seed), per_doc)
     return sums, per_doc
 
 
@@ -476,7 +476,7 @@ def test_ttt_warmup_leaves_weights_and_flags_untouched():
     m.requires_grad_(True)  # as loaded from the artifact
     before = {k: v.clone() for k, v in m.state_dict().items()}
     lines = []
-    tg.ttt_warmup(m, tg.EAGER, h, CPU, lines.append)
+    tg.ttt_warmup(h, m, tg.EAGER, CPU, lines.append)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert not any(p.requires_grad or p.grad is not None for p in m.parameters())
     assert lines[-1].startswith("ttt_lora:compile warmup done")
@@ -490,7 +490,7 @@ def test_compiled_ttt_one_graph_per_function_and_eager_scores():
     eager = tiny_model(h)
     m, fns = copy.deepcopy(eager), tg.ttt_block_fns(tiny_h(ttt_compile=True))
     lines = []
-    tg.ttt_warmup(m, fns, h, CPU, lines.append)
+    tg.ttt_warmup(h, m, fns, CPU, lines.append)
     assert lines[-1].endswith(", 3 graphs)"), lines[-1]
     g0 = tg.compiled_graphs()
     val = make_val([150, 45, 20, 9, 33, 70, 12, 100])
@@ -511,7 +511,7 @@ CAUSAL_PREDS = [70, 12, 33, 9, 50, 21, 40, 5, 27, 60, 16, 44, 30, 2]
 
 def processing_order(val, h):
     docs = tg.find_docs(val.tokens)
-    batches, bounds, ends = tg.ttt_schedule(docs, h)
+    batches, bounds, ends = tg.ttt_schedule(h, docs)
     return docs, batches, bounds, ends
 
 
@@ -583,14 +583,14 @@ def test_sliding_equals_plain_on_short_documents():
     m = tiny_model(h)
     val = make_val(padded([40, 12, 33, 2, 47, 25, 9, 44, 30, 18, 38]))
     assert max(d.length - 1 for d in tg.find_docs(val.tokens)) <= h.eval_seq_len - h.eval_stride
-    plain = tg.eval_val(m, val, h, CPU, ev(h))
+    plain = tg.eval_val(h, m, val, CPU, ev(h))
     for stride in (16, 24):
-        sl = tg.eval_sliding(m, val, tiny_h(eval_stride=stride), CPU, quiet, ev(h))
+        sl = tg.eval_sliding(tiny_h(eval_stride=stride), m, val, CPU, quiet, ev(h))
         assert sl[0] == pytest.approx(plain[0], abs=1e-6)
         assert sl[1] == pytest.approx(plain[1], abs=1e-6)
     # a document longer than the window is cut differently by the two: they must then differ (the check can fail)
     long_val = make_val(padded([150, 20]))
-    assert abs(tg.eval_sliding(m, long_val, h, CPU, quiet, ev(h))[0] - tg.eval_val(m, long_val, h, CPU, ev(h))[0]) > 1e-4
+    assert abs(tg.eval_sliding(h, m, long_val, CPU, quiet, ev(h))[0] - tg.eval_val(h, m, long_val, CPU, ev(h))[0]) > 1e-4
 
 
 def test_ttt_without_updates_equals_plain_evaluation():
@@ -599,7 +599,7 @@ def test_ttt_without_updates_equals_plain_evaluation():
     val = make_val(padded([40, 12, 33, 2, 64, 25, 9, 44, 30, 18, 38, 7]))
     docs = tg.find_docs(val.tokens)
     assert max(d.length - 1 for d in docs) <= min(h0.eval_seq_len, h0.ttt_eval_seq_len)
-    plain = tg.eval_val(m, val, h0, CPU, ev(h0))
+    plain = tg.eval_val(h0, m, val, CPU, ev(h0))
     res, scores, _ = ttt_scores(m, val, h0)
     assert res[0] == pytest.approx(plain[0], abs=1e-5)
     assert res[1] == pytest.approx(plain[1], abs=1e-5)
@@ -719,7 +719,7 @@ def test_e2e_logs_hardware_and_the_counts_every_evaluation_scored(full_run, prep
     full = tg.val_totals(val)
     assert re.search(rf"^val_tokens:{full[0]} val_bytes:{full[1]} val_docs:{len(tg.find_docs(val.tokens))}$", out, re.M)
     assert counts(out, "diagnostic pre-quantization post-ema") == counts(out, "diagnostic quantized") == full
-    assert counts(out, "quantized_ttt_phased") == tg.val_totals(val, tg.ttt_docs(val, h)) != full
+    assert counts(out, "quantized_ttt_phased") == tg.val_totals(val, tg.ttt_docs(h, val)) != full
 
 
 def test_e2e_resume_from_requantizes_without_training(full_run, prepared_data, tmp_path):

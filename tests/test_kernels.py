@@ -121,7 +121,7 @@ def _run(m, fused, monkeypatch):
     loss = m(ids, y, tg.Fwd(2))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
-    loras, head, _ = tg.new_adapters(m, m.h, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    loras, head, _ = tg.new_adapters(m.h, m, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
     with torch.no_grad():
         head[1].normal_(0, 0.3, generator=g)
     cols = torch.stack([torch.arange(8, 16), torch.arange(20, 28)])

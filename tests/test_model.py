@@ -310,24 +310,24 @@ def test_loop_depth_curriculum_equal_thirds():
     h = make_h(train_loop_phase_depths="1,3,4", train_loop_phase_fractions="")
     assert h.train_loop_phase_depths == (1, 3, 4)
     for frac, depth in [(0.0, 1), (0.2, 1), (0.333, 1), (1 / 3 + 1e-9, 3), (0.5, 3), (0.666, 3), (2 / 3 + 1e-9, 4), (0.9, 4), (1.0, 4), (1.2, 4)]:
-        assert tg.loop_depth_at(frac, h) == depth, frac
+        assert tg.loop_depth_at(h, frac) == depth, frac
     h = make_h(train_loop_phase_depths="1,3,4", enable_looping_at=0.05)  # ignored in phased mode
-    assert tg.loop_depth_at(0.1, h) == 1
+    assert tg.loop_depth_at(h, 0.1) == 1
 
 
 def test_loop_depth_curriculum_with_fractions():
     h = make_h(train_loop_phase_depths="1,3,4", train_loop_phase_fractions="1,1,2")  # boundaries 0.25, 0.5
-    assert [tg.loop_depth_at(f, h) for f in (0.0, 0.24, 0.26, 0.49, 0.51, 0.99)] == [1, 1, 3, 3, 4, 4]
+    assert [tg.loop_depth_at(h, f) for f in (0.0, 0.24, 0.26, 0.49, 0.51, 0.99)] == [1, 1, 3, 3, 4, 4]
     h = make_h(train_loop_phase_depths="2,5", train_loop_phase_fractions="0.3,0.1")  # normalised: boundary 0.75
-    assert [tg.loop_depth_at(f, h) for f in (0.7, 0.74, 0.76, 1.0)] == [2, 2, 5, 5]
+    assert [tg.loop_depth_at(h, f) for f in (0.7, 0.74, 0.76, 1.0)] == [2, 2, 5, 5]
 
 
 def test_loop_depth_enable_looping_at_when_no_phase_depths():
     h = make_h(train_loop_phase_depths="", enable_looping_at=0.35)
     assert h.train_loop_phase_depths == () and h.depth_schedule == ((0.0, 1), (0.35, 3))
-    assert [tg.loop_depth_at(f, h) for f in (0.0, 0.34, 0.35, 0.6, 1.0)] == [1, 1, 3, 3, 3]
+    assert [tg.loop_depth_at(h, f) for f in (0.0, 0.34, 0.35, 0.6, 1.0)] == [1, 1, 3, 3, 3]
     h = make_h(train_loop_phase_depths="", num_loops=3, enable_looping_at=0.5)
-    assert [tg.loop_depth_at(f, h) for f in (0.49, 0.5)] == [1, 4]
+    assert [tg.loop_depth_at(h, f) for f in (0.49, 0.5)] == [1, 4]
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def small_model(dtype=torch.float32):
 
 def test_quantize_state_dict_classes():
     sd, hessians = small_model()
-    payload, _ = tg.quantize_state_dict(sd, hessians, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, sd, hessians)
     w, m = payload["w"], payload["m"]
     assert m["tok_emb.weight"] == "gptq (int7)" and m["blocks.1.mlp.proj.weight"] == "gptq (int6)"
     assert m["blocks.0.attn.attn_gate_w"] == "gate_int8_row" and m["blocks.0.attn.q_gain"] == "passthrough (float16)"
@@ -146,13 +146,13 @@ def test_quantize_state_dict_classes():
 
 def test_matrix_clip_for_unclassified_names():
     sd = {"lm_head.weight": weight(32, 64)}
-    payload, _ = tg.quantize_state_dict(sd, {"lm_head.weight": correlated_hessian(64)}, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, sd, {"lm_head.weight": correlated_hessian(64)})
     assert torch.equal(payload["w"]["lm_head.weight.scale"], (12.85 * sd["lm_head.weight"].std(dim=1) / 31).half())
 
 
 def test_summary_lines():
     sd, hessians = small_model()
-    _, lines = tg.quantize_state_dict(sd, hessians, H_ARGS)
+    _, lines = tg.quantize_state_dict(H_ARGS, sd, hessians)
     assert lines == [  # logged under a "Quantized weights:" header
         "  gate_int8_row: blocks.attn.attn_gate_w",
         "  gptq (int6): blocks.attn.c_k.weight, blocks.attn.c_q.weight, blocks.mlp.fc.weight, blocks.mlp.proj.weight",
@@ -165,15 +165,15 @@ def test_summary_lines():
 def test_large_float_without_hessian_raises():
     big = {"blocks.0.mlp.fc.weight": torch.zeros(257, 256)}  # 65,792 elements
     with pytest.raises(ValueError, match="blocks.0.mlp.fc.weight"):
-        tg.quantize_state_dict(big, {}, H_ARGS)
+        tg.quantize_state_dict(H_ARGS, big, {})
     at_limit = {"x": torch.zeros(256, 256), "ids": torch.zeros(300, 300, dtype=torch.int64)}
-    payload, _ = tg.quantize_state_dict(at_limit, {}, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, at_limit, {})
     assert payload["w"]["x"].dtype == torch.float16 and payload["w"]["ids"].dtype == torch.int64
 
 
 def test_passthrough_does_not_drag_a_view_storage():
     bank = torch.zeros(1000, 64, dtype=torch.float16)
-    payload, _ = tg.quantize_state_dict({"skip_gates": bank[:8]}, {}, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, {"skip_gates": bank[:8]}, {})
     assert payload["w"]["skip_gates"].untyped_storage().nbytes() == 8 * 64 * 2
 
 
@@ -182,7 +182,7 @@ def test_passthrough_does_not_drag_a_view_storage():
 def test_gate_int8_row_numel_window(shape, gated):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     name = "blocks.0.attn.attn_gate_w"
-    payload, _ = tg.quantize_state_dict({name: t}, {}, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, {name: t}, {})
     assert payload["m"][name] == ("gate_int8_row" if gated else "passthrough (float16)")
     if gated:
         q, s = payload["w"][name + ".gq"], payload["w"][name + ".gs"]
@@ -194,16 +194,16 @@ def test_gate_int8_row_numel_window(shape, gated):
 def test_gate_quant_off_or_other_name_passes_through():
     t = torch.randn(8, 512)
     off = SimpleNamespace(**{**vars(H_ARGS), "gated_attn_quant_gate": False})
-    assert tg.quantize_state_dict({"blocks.0.attn.attn_gate_w": t}, {}, off)[0]["m"]["blocks.0.attn.attn_gate_w"] \
+    assert tg.quantize_state_dict(off, {"blocks.0.attn.attn_gate_w": t}, {})[0]["m"]["blocks.0.attn.attn_gate_w"] \
         == "passthrough (float16)"
-    assert tg.quantize_state_dict({"blocks.0.attn.gate_w": t}, {}, H_ARGS)[0]["m"]["blocks.0.attn.gate_w"] \
+    assert tg.quantize_state_dict(H_ARGS, {"blocks.0.attn.gate_w": t}, {})[0]["m"]["blocks.0.attn.gate_w"] \
         == "passthrough (float16)"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_bit_exact(dtype):
     sd, hessians = small_model(dtype)
-    payload, _ = tg.quantize_state_dict(sd, hessians, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, sd, hessians)
     w, m = payload["w"], payload["m"]
     out = tg.dequantize_state_dict(payload, sd)
     assert list(out) == list(sd)
@@ -222,7 +222,7 @@ def test_dequantize_bit_exact(dtype):
 
 def test_dequantize_rejects_mismatched_template():
     sd, hessians = small_model()
-    payload, _ = tg.quantize_state_dict(sd, hessians, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, sd, hessians)
     with pytest.raises(ValueError, match="blocks.9.attn_scale"):
         tg.dequantize_state_dict(payload, {**sd, "blocks.9.attn_scale": torch.ones(64)})
     with pytest.raises(ValueError, match="skip_weights"):
@@ -256,7 +256,7 @@ def test_pack_unpack_exact(compressor):
         pytest.importorskip("brotli")
     sd, hessians = small_model(torch.bfloat16)
     sd["step"] = torch.tensor(7)
-    payload, _ = tg.quantize_state_dict(sd, hessians, H_ARGS)
+    payload, _ = tg.quantize_state_dict(H_ARGS, sd, hessians)
     back = tg.unpack_artifact(tg.pack_artifact(payload, compressor))
     assert back["m"] == payload["m"] and list(back["w"]) == list(payload["w"])
     for k, t in payload["w"].items():
@@ -329,7 +329,7 @@ def test_artifact_of_another_model_config_is_a_data_error(tmp_path):
 
 def test_size_lines_report_bytes_on_disk(tmp_path):
     sd, hessians = small_model()
-    blob = tg.pack_artifact(tg.quantize_state_dict(sd, hessians, H_ARGS)[0], "lzma")
+    blob = tg.pack_artifact(tg.quantize_state_dict(H_ARGS, sd, hessians)[0], "lzma")
     path = tmp_path / "final_model.int6.ptz"
     path.write_bytes(blob)
     code, _ = tg.code_wrapper("print('hi')\n")

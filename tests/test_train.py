@@ -26,7 +26,7 @@ def test_empty_train_loop_phase_depths_env_selects_enable_looping_at():
     """TRAIN_LOOP_PHASE_DEPTHS= (empty) must switch the curriculum off (records A/B: looping on at
     ENABLE_LOOPING_AT), not silently fall back to the default 1,3,4."""
     code = ("import train_gpt as tg; h = tg.Hyperparameters.from_env(); "
-            "print(list(h.train_loop_phase_depths), [tg.loop_depth_at(f, h) for f in (0.3, 0.5)], "
+            "print(list(h.train_loop_phase_depths), [tg.loop_depth_at(h, f) for f in (0.3, 0.5)], "
             "list(h.train_loop_prewarm_depths))")
     env = dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="", TRAIN_LOOP_PREWARM_DEPTHS="", ENABLE_LOOPING_AT="0.4")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -103,7 +103,7 @@ def test_muon_step_is_scaled_orthogonal_update_with_decoupled_wd():
     torch.manual_seed(0)
     wide = torch.nn.Parameter(torch.randn(3, 16, 64))  # rows <= cols: scale 1
     tall = torch.nn.Parameter(torch.randn(2, 64, 16))  # rows/cols = 4: scale 2 (the up bank's factor)
-    muon = tg.Muon([tall, wide], h)  # given smallest-first: Muon sorts, momentum buffers must follow their bank
+    muon = tg.Muon(h, [tall, wide])  # given smallest-first: Muon sorts, momentum buffers must follow their bank
     lr, mom, wd = 0.05, 0.9, 0.1
     moms = {id(wide): torch.zeros_like(wide), id(tall): torch.zeros_like(tall)}
     for step in range(2):
@@ -132,11 +132,11 @@ def test_muon_weight_decay_is_decoupled():
     p = torch.nn.Parameter(torch.randn(2, 8, 8))
     p0 = p.detach().clone()
     p.grad = torch.zeros_like(p)
-    tg.Muon([p], h).step(0.1, 0.95, 0.5)
+    tg.Muon(h, [p]).step(0.1, 0.95, 0.5)
     torch.testing.assert_close(p.detach(), p0 * (1 - 0.1 * 0.5), atol=1e-7, rtol=1e-6)
     q = torch.nn.Parameter(p0.clone())
     q.grad = torch.zeros_like(q)
-    tg.Muon([q], h).step(0.1, 0.95, 0.0)
+    tg.Muon(h, [q]).step(0.1, 0.95, 0.0)
     assert torch.equal(q.detach(), p0)
 
 
@@ -146,24 +146,24 @@ def test_muon_weight_decay_is_decoupled():
 def test_lr_mult_no_warmup_warmdown_and_floor():
     h = make_h(warmdown_frac=0.75, min_lr=0.0)
     for frac, want in [(0.0, 1.0), (0.1, 1.0), (0.25, 1.0), (0.5, 2 / 3), (0.625, 0.5), (0.85, 0.2), (1.0, 0.0)]:
-        assert tg.lr_mult_at(frac, h) == pytest.approx(want), frac
+        assert tg.lr_mult_at(h, frac) == pytest.approx(want), frac
     h = make_h(warmdown_frac=0.25, min_lr=0.0)  # record A's value: flat until 0.75
-    assert [tg.lr_mult_at(f, h) for f in (0.7, 0.75, 0.875, 1.0)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert [tg.lr_mult_at(h, f) for f in (0.7, 0.75, 0.875, 1.0)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
     h = make_h(warmdown_frac=0.85, min_lr=0.1)  # D's run: floor at MIN_LR
-    assert [tg.lr_mult_at(f, h) for f in (0.1, 0.575, 0.95, 1.0)] == pytest.approx([1.0, 0.5, 0.1, 0.1])
+    assert [tg.lr_mult_at(h, f) for f in (0.1, 0.575, 0.95, 1.0)] == pytest.approx([1.0, 0.5, 0.1, 0.1])
 
 
 def test_muon_wd_taper():
     h = make_h()
     assert (h.wd_taper_start_frac, h.wd_taper_final_mult) == (0.70, 0.50)
     for frac, want in [(0.0, 1.0), (0.5, 1.0), (0.70, 1.0), (0.775, 0.875), (0.85, 0.75), (1.0, 0.5), (1.1, 0.5)]:
-        assert tg.muon_wd_mult_at(frac, h) == pytest.approx(want), frac
+        assert tg.muon_wd_mult_at(h, frac) == pytest.approx(want), frac
 
 
 def test_muon_momentum_warmup():
     h = make_h()
     for step, want in [(0, 0.92), (750, 0.945), (1500, 0.97), (1499, 0.92 + 0.05 * 1499 / 1500), (5000, 0.97)]:
-        assert tg.muon_momentum_at(step, h) == pytest.approx(want), step
+        assert tg.muon_momentum_at(h, step) == pytest.approx(want), step
 
 
 # ----------------------------------------------------------------------------- shard and tokenizer validation
@@ -500,9 +500,9 @@ def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
     torch.manual_seed(0)
     model = tg.build_model(h, cpu)
     fresh = copy.deepcopy(model)
-    opt = tg.Optimizers(model, h)
-    tg.warmup(model, opt, h, cpu, lambda msg: None, tg.EAGER)
-    fresh_opt = tg.Optimizers(fresh, h)
+    opt = tg.Optimizers(h, model)
+    tg.warmup(h, model, opt, cpu, lambda msg: None, tg.EAGER)
+    fresh_opt = tg.Optimizers(h, fresh)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     (adam, muon), (adam0, muon0) = opt.state_dict(), fresh_opt.state_dict()
@@ -514,7 +514,7 @@ def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
     assert all(torch.equal(m, m0) for m, m0 in zip(muon, muon0))
     for m, o in ((model, opt), (fresh, fresh_opt)):
         for step in range(2):
-            tg.training_step(m, o, FixedBatches(h, prepared_data), h, cpu, step, 0.5, tg.Fwd(3))
+            tg.training_step(h, m, o, FixedBatches(h, prepared_data), cpu, step, 0.5, tg.Fwd(3))
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -542,7 +542,7 @@ def test_in_loop_validation_runs_at_the_eval_depth(prepared_data, monkeypatch):
     monkeypatch.setattr(tg, "eval_val", lambda *a: seen.append(a[-1].depth) or real_val(*a))
     monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[-1].depth) or real_step(*a))
     torch.manual_seed(0)
-    tg.train(tg.build_model(h, cpu), h, cpu, lambda msg: None, val, tg.EAGER)
+    tg.train(h, tg.build_model(h, cpu), cpu, lambda msg: None, val, tg.EAGER)
     assert train_depths == [1, 1] and seen == [3, 3, 3]
 
 

@@ -69,7 +69,7 @@ def bench_training(tg, steps, peak):
         h = one_gpu_h(tg, attn_backend=backend)
         dev = torch.device("cuda")
         model, fns = tg.build_model(h, dev), tg.compiled_block_fns(h)
-        opt = tg.Optimizers(model, h)
+        opt = tg.Optimizers(h, model)
         T = h.micro_batch_tokens
         toks = synthetic_docs(T, h.vocab_size).cuda()
         x, y = toks[:-1], toks[1:]
@@ -140,7 +140,7 @@ def bench_ttt(tg):
         warm = "-"
         if compiled:
             t0, g0 = time.perf_counter(), tg.compiled_graphs()
-            tg.ttt_warmup(model, fns, h, dev, lambda msg: None)
+            tg.ttt_warmup(h, model, fns, dev, lambda msg: None)
             warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
         for name, n, length in (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000)):
             toks = synthetic_docs(n * length, h.vocab_size, mean_doc=10**9).cuda()
@@ -150,7 +150,7 @@ def bench_ttt(tg):
             g0 = tg.compiled_graphs()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sums = tg.ttt_batch(model, fns, toks, torch.ones_like(toks), docs, h, dev, gen)
+            sums = tg.ttt_batch(h, model, fns, toks, torch.ones_like(toks), docs, dev, gen)
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
             rows.append(dict(mode="compiled" if compiled else "eager", work=name, s=t, row_tok_s=sums[3].item() / t,
@@ -302,7 +302,7 @@ def bench_kernel_training(tg, steps, combos, depth=1):
         compile_s = time.perf_counter() - t0
         diff = {n: rel_err(grads[n], ref[n]) for n in ref if ref[n].norm() > 0}
         worst = max(diff, key=diff.get)
-        opt = tg.Optimizers(model, h)
+        opt = tg.Optimizers(h, model)
 
         def step():
             with tg.autocast(dev):
@@ -344,8 +344,7 @@ def bench_kernel_ttt(tg):
                      "rel. diff vs plain eager |", "|---|---|---|---|"]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        sums = tg.ttt_batch(m, tg.ttt_block_fns(h), toks, torch.ones_like(toks), docs, h, dev,
-                            torch.Generator(device=dev).manual_seed(0))
+        sums = tg.ttt_batch(h, m, tg.ttt_block_fns(h), toks, torch.ones_like(toks), docs, dev, torch.Generator(device=dev).manual_seed(0))
         torch.cuda.synchronize()
         nll = (sums[0] / sums[1]).item()
         plain = plain or nll
