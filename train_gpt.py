@@ -36,35 +36,25 @@ class ConfigError(DataError):
     pass
 
 
-def knob(default, doc):
-    """A config field, read from the env var named as the field in capitals; `doc` says what it does."""
-    return field(default=default, metadata=dict(doc=doc))
-
-
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 # Env names of the record scripts that this one does not read: set, they would silently change nothing.
 RECORD_ENV_NOT_READ = {
-    "PHASED_TTT_ENABLED": "phased TTT is the only TTT here (TTT_ENABLED gates it)",
-    "GLOBAL_TTT_BATCH_SEQS": "global SGD runs each chunk as one packed row per rank",
-    "GLOBAL_TTT_WARMUP_START_LR": "global SGD has no warm-up (the records' runs used none)",
-    "GLOBAL_TTT_WARMUP_CHUNKS": "global SGD has no warm-up (the records' runs used none)",
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "global SGD always respects document boundaries",
-    "TTT_OPTIMIZER": "TTT uses AdamW",
-    "TIE_EMBEDDINGS": "embeddings are always tied",
-    "SKIP_GATES_ENABLED": "skip gates are always on",
-    "ROPE_YARN": "no YaRN",
-    "ROPE_TRAIN_SEQ_LEN": "no YaRN",
-    "ATTN_OUT_GATE_ENABLED": "not implemented (unused by the records' runs)",
-    "TRAIN_LOOP_DEPTH_DIST": "random-depth training is not implemented (the records' runs used fixed)",
-    "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)",
-    "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)",
-    "LQER_ENABLED": "not implemented yet (PR #1855)",
+    "PHASED_TTT_ENABLED": "phased TTT is the only TTT (TTT_ENABLED gates it)",
+    "GLOBAL_TTT_BATCH_SEQS": "one packed row per rank", "GLOBAL_TTT_WARMUP_START_LR": "no warm-up",
+    "GLOBAL_TTT_WARMUP_CHUNKS": "no warm-up", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "always",
+    "TTT_OPTIMIZER": "AdamW", "TIE_EMBEDDINGS": "always tied", "SKIP_GATES_ENABLED": "always on",
+    "ROPE_YARN": "no YaRN", "ROPE_TRAIN_SEQ_LEN": "no YaRN", "ATTN_OUT_GATE_ENABLED": "not implemented",
+    "TRAIN_LOOP_DEPTH_DIST": "fixed depths only", "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)",
+    "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)", "LQER_ENABLED": "not implemented yet (PR #1855)",
 }
 
 
 def parse_env(name, raw, default):
-    """`raw` (an env string) as the type of `default`; tuples are comma-separated lists of their items' type."""
+    """`raw` (an env string) as the type of `default`; tuples are comma-separated lists of their items' type. Empty
+    gives the default, except for a list (TRAIN_LOOP_PHASE_DEPTHS= turns the curriculum off)."""
     kind = type(default)
+    if raw == "" and kind is not tuple:
+        return default
     try:
         if kind is bool:
             return BOOLS[raw.strip().lower()]
@@ -84,123 +74,125 @@ class Hyperparameters:
     Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729)."""
 
     # paths and run control
-    data_dir: str = knob("./data/", "root with datasets/ and tokenizers/ (prepare_caseops_data.py --out)")
-    data_path: str = knob("", "dataset dir; default: our layout under DATA_DIR, then the records' hub layout")
-    tokenizer_path: str = knob("", "SentencePiece model; default: the dataset's tokenizer under DATA_DIR")
-    caseops_enabled: bool = knob(True, "CaseOps data with byte sidecars; 0: plain SentencePiece data")
-    artifact_dir: str = knob("", "where logs/, final_model.pt and final_model.int6.ptz go (default: cwd)")
-    run_id: str = knob("", "log name logs/<RUN_ID>.txt (default: random)")
-    seed: int = knob(1337, "python/numpy/torch seeds, TTT adapter init")
-    iterations: int = knob(20000, "step budget; the schedules run on it when MAX_WALLCLOCK_SECONDS=0")
-    max_wallclock_seconds: float = knob(600.0, "training time cap, schedules run on its fraction (0: steps)")
-    gptq_reserve_seconds: float = knob(4.0, "cut from the cap for GPTQ calibration, which reads training data")
-    train_log_every: int = knob(500, "train_loss line period (steps 1-5 always)")
-    val_loss_every: int = knob(4000, "in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none")
-    compile: bool = knob(torch.cuda.is_available(), "torch.compile the block functions (fixed shapes)")
-    ttt_compile: bool = knob(torch.cuda.is_available(), "compile TTT's block functions (symbolic rows/width)")
-    attn_backend: str = knob("", "attention kernel: fa3, flex, varlen or sdpa (default: fa3 if importable, else "
-                                 "flex on CUDA, sdpa on CPU)")
-    eval_only: bool = knob(False, "only score ARTIFACT (no training)")
-    artifact: str = knob("", "artifact scored by EVAL_ONLY (default: ARTIFACT_DIR's final_model.int6.ptz)")
-    resume_from: str = knob("", "final_model.pt to quantize and score instead of training")
-    prequant_ttt_enabled: bool = knob(False, "refused: PR #1911's pre-quant TTT trains on unscored val tokens")
-    dist_timeout_seconds: int = knob(600, "collective timeout: a failed rank ends the run instead of hanging")
-    rank: int = knob(0, "set by torchrun")
-    world_size: int = knob(1, "set by torchrun")
-    local_rank: int = knob(0, "set by torchrun")
+    data_dir: str = "./data/"  # root with datasets/ and tokenizers/ (prepare_caseops_data.py --out)
+    data_path: str = ""  # dataset dir; default: our layout under DATA_DIR, then the records' hub layout
+    tokenizer_path: str = ""  # SentencePiece model; default: the dataset's tokenizer under DATA_DIR
+    caseops_enabled: bool = True  # CaseOps data with byte sidecars; 0: plain SentencePiece data
+    artifact_dir: str = ""  # where logs/, final_model.pt and final_model.int6.ptz go (default: cwd)
+    run_id: str = ""  # log name logs/<RUN_ID>.txt (default: random)
+    seed: int = 1337  # python/numpy/torch seeds, TTT adapter init
+    iterations: int = 20000  # step budget; the schedules run on it when MAX_WALLCLOCK_SECONDS=0
+    max_wallclock_seconds: float = 600.0  # training time cap, schedules run on its fraction (0: steps)
+    gptq_reserve_seconds: float = 4.0  # cut from the cap for GPTQ calibration, which reads training data
+    train_log_every: int = 500  # train_loss line period (steps 1-5 always)
+    val_loss_every: int = 4000  # in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none
+    compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
+    ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
+    # attention kernel: fa3, flex, varlen or sdpa (default: fa3 if importable, else flex on CUDA, sdpa on CPU)
+    attn_backend: str = ""
+    eval_only: bool = False  # only score ARTIFACT (no training)
+    artifact: str = ""  # artifact scored by EVAL_ONLY (default: ARTIFACT_DIR's final_model.int6.ptz)
+    resume_from: str = ""  # final_model.pt to quantize and score instead of training
+    prequant_ttt_enabled: bool = False  # refused: PR #1911's pre-quant TTT trains on unscored val tokens
+    dist_timeout_seconds: int = 600  # collective timeout: a failed rank ends the run instead of hanging
+    rank: int = 0  # set by torchrun
+    world_size: int = 1  # set by torchrun
+    local_rank: int = 0  # set by torchrun
     # model (PR #1729: 11x512, loop, parallel lanes; #1736: gated attention; #1756: depth curriculum)
-    vocab_size: int = knob(8192, "must equal the tokenizer's piece count")
-    num_layers: int = knob(11, "physical layers")
-    model_dim: int = knob(512, "residual width")
-    num_heads: int = knob(8, "query heads")
-    num_kv_heads: int = knob(4, "key/value heads (GQA)")
-    mlp_mult: float = knob(4.0, "MLP hidden = MLP_MULT x MODEL_DIM")
-    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding / head")
-    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c)")
-    rope_base: float = knob(10000.0, "RoPE base")
-    rope_dims: int = knob(16, "rotated dims per head (partial RoPE)")
-    ln_scale: bool = knob(True, "block i's norms scaled by 1/sqrt(i+1)")
-    qk_gain_init: float = knob(5.0, "init of the per-head query gain after QK RMS norm")
-    xsa_last_n: int = knob(11, "the last N layers remove each head's own-value component (XSA)")
-    num_loops: int = knob(2, "extra passes of layers LOOP_START..LOOP_END: sizes the skips (depth NUM_LOOPS+1) "
-                             "and is the depth of PR #1736's switch (TRAIN_LOOP_PHASE_DEPTHS empty)")
-    loop_start: int = knob(3, "first looped layer")
-    loop_end: int = knob(5, "last looped layer")
-    enable_looping_at: float = knob(0.35, "PR #1736's switch to depth NUM_LOOPS+1 (TRAIN_LOOP_PHASE_DEPTHS empty)")
-    train_loop_phase_depths: tuple = knob((1, 3, 4), "PR #1756's depth curriculum; empty: PR #1736's switch")
-    train_loop_phase_fractions: tuple = knob((), "shares of the run per curriculum phase (empty: equal)")
-    train_loop_prewarm_depths: tuple = knob((3, 4), "depths compiled in the warm-up besides 1 and the curriculum")
-    eval_loop_depth: int = knob(4, "depth of every evaluation, GPTQ calibration and TTT")
-    parallel_start_layer: int = knob(8, "layers from here on run attention and MLP as parallel lanes")
-    parallel_final_lane: str = knob("mean", "final hidden: mean of the lanes, or attn / mlp lane")
-    gated_attn_enabled: bool = knob(True, "per-head sigmoid gate on the attention output (PR #1736)")
-    gated_attn_init_std: float = knob(0.005, "gate weight init std")
-    gated_attn_quant_gate: bool = knob(True, "gate weights int8 per row instead of fp16")
+    vocab_size: int = 8192  # must equal the tokenizer's piece count
+    num_layers: int = 11  # physical layers
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (GQA)
+    mlp_mult: float = 4.0  # MLP hidden = MLP_MULT x MODEL_DIM
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding / head
+    logit_softcap: float = 30.0  # logits = c*tanh(z/c)
+    rope_base: float = 10000.0  # RoPE base
+    rope_dims: int = 16  # rotated dims per head (partial RoPE)
+    ln_scale: bool = True  # block i's norms scaled by 1/sqrt(i+1)
+    qk_gain_init: float = 5.0  # init of the per-head query gain after QK RMS norm
+    xsa_last_n: int = 11  # the last N layers remove each head's own-value component (XSA)
+    # extra passes of layers LOOP_START..LOOP_END: sizes the skips (depth NUM_LOOPS+1) and is the depth of PR #1736's
+    # switch (TRAIN_LOOP_PHASE_DEPTHS empty)
+    num_loops: int = 2
+    loop_start: int = 3  # first looped layer
+    loop_end: int = 5  # last looped layer
+    enable_looping_at: float = 0.35  # PR #1736's switch to depth NUM_LOOPS+1 (TRAIN_LOOP_PHASE_DEPTHS empty)
+    train_loop_phase_depths: tuple = (1, 3, 4)  # PR #1756's depth curriculum; empty: PR #1736's switch
+    train_loop_phase_fractions: tuple = ()  # shares of the run per curriculum phase (empty: equal)
+    train_loop_prewarm_depths: tuple = (3, 4)  # depths compiled in the warm-up besides 1 and the curriculum
+    eval_loop_depth: int = 4  # depth of every evaluation, GPTQ calibration and TTT
+    parallel_start_layer: int = 8  # layers from here on run attention and MLP as parallel lanes
+    parallel_final_lane: str = "mean"  # final hidden: mean of the lanes, or attn / mlp lane
+    gated_attn_enabled: bool = True  # per-head sigmoid gate on the attention output (PR #1736)
+    gated_attn_init_std: float = 0.005  # gate weight init std
+    gated_attn_quant_gate: bool = True  # gate weights int8 per row instead of fp16
     # optimisation and data
-    train_batch_tokens: int = knob(786432, "global tokens per step; a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN")
-    train_seq_len: int = knob(2048, "longest attention segment in training (documents are packed)")
-    grad_accum_steps: int = knob(0, "micro-steps per step (0: 8 / WORLD_SIZE)")
-    warmup_steps: int = knob(20, "compile warm-up steps before the timer; their updates are undone")
-    warmdown_frac: float = knob(0.75, "LR decays linearly to MIN_LR over this last fraction")
-    min_lr: float = knob(0.0, "LR floor of the warmdown, as a fraction of each LR")
-    matrix_lr: float = knob(0.026, "Muon LR (banked matrices)")
-    scalar_lr: float = knob(0.02, "AdamW LR of scales, gates and lambdas")
-    tied_embed_lr: float = knob(0.03, "AdamW LR of the tied embedding")
-    muon_momentum: float = knob(0.97, "Muon momentum after its warm-up")
-    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0")
-    muon_momentum_warmup_steps: int = knob(1500, "steps of the linear momentum warm-up")
-    muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
-    muon_row_normalize: bool = knob(True, "normalise update rows before Newton-Schulz")
-    muon_wd: float = knob(0.095, "decoupled weight decay of the matrices")
-    wd_taper_start_frac: float = knob(0.70, "Muon WD taper starts here (PR #1729)")
-    wd_taper_final_mult: float = knob(0.50, "Muon WD multiplier at the end; 1: no taper (PR #1736/#1756)")
-    embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
-    adam_wd: float = knob(0.02, "AdamW weight decay of the scalars")
-    beta1: float = knob(0.9, "AdamW beta1")
-    beta2: float = knob(0.95, "AdamW beta2")
-    adam_eps: float = knob(1e-8, "AdamW eps")
-    grad_clip_norm: float = knob(0.3, "global grad-norm clip (each rank's local gradients, as the records)")
-    ema_decay: float = knob(0.9965, "EMA of the weights, applied after training")
+    train_batch_tokens: int = 786432  # global tokens per step; a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN
+    train_seq_len: int = 2048  # longest attention segment in training (documents are packed)
+    grad_accum_steps: int = 0  # micro-steps per step (0: 8 / WORLD_SIZE)
+    warmup_steps: int = 20  # compile warm-up steps before the timer; their updates are undone
+    warmdown_frac: float = 0.75  # LR decays linearly to MIN_LR over this last fraction
+    min_lr: float = 0.0  # LR floor of the warmdown, as a fraction of each LR
+    matrix_lr: float = 0.026  # Muon LR (banked matrices)
+    scalar_lr: float = 0.02  # AdamW LR of scales, gates and lambdas
+    tied_embed_lr: float = 0.03  # AdamW LR of the tied embedding
+    muon_momentum: float = 0.97  # Muon momentum after its warm-up
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 1500  # steps of the linear momentum warm-up
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_row_normalize: bool = True  # normalise update rows before Newton-Schulz
+    muon_wd: float = 0.095  # decoupled weight decay of the matrices
+    wd_taper_start_frac: float = 0.70  # Muon WD taper starts here (PR #1729)
+    wd_taper_final_mult: float = 0.50  # Muon WD multiplier at the end; 1: no taper (PR #1736/#1756)
+    embed_wd: float = 0.085  # AdamW weight decay of the embedding
+    adam_wd: float = 0.02  # AdamW weight decay of the scalars
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW eps
+    grad_clip_norm: float = 0.3  # global grad-norm clip (each rank's local gradients, as the records)
+    ema_decay: float = 0.9965  # EMA of the weights, applied after training
     # quantisation and packaging
-    matrix_bits: int = knob(6, "GPTQ bits of the block matrices")
-    embed_bits: int = knob(7, "GPTQ bits of the tied embedding")
-    matrix_clip_sigmas: float = knob(12.85, "row clip in std units, matrices outside attn/mlp")
-    attn_clip_sigmas: float = knob(13.0, "row clip in std units, attention matrices")
-    mlp_clip_sigmas: float = knob(12.0, "row clip in std units, MLP matrices")
-    embed_clip_sigmas: float = knob(15.0, "row clip in std units, embedding")
-    gptq_calibration_batches: int = knob(16, "calibration batches (of training data), shared by the ranks")
-    gptq_calibration_seqs: int = knob(48, "sequences per calibration batch")
-    compressor: str = knob("brotli", "artifact compressor: brotli or lzma")
+    matrix_bits: int = 6  # GPTQ bits of the block matrices
+    embed_bits: int = 7  # GPTQ bits of the tied embedding
+    matrix_clip_sigmas: float = 12.85  # row clip in std units, matrices outside attn/mlp
+    attn_clip_sigmas: float = 13.0  # row clip in std units, attention matrices
+    mlp_clip_sigmas: float = 12.0  # row clip in std units, MLP matrices
+    embed_clip_sigmas: float = 15.0  # row clip in std units, embedding
+    gptq_calibration_batches: int = 16  # calibration batches (of training data), shared by the ranks
+    gptq_calibration_seqs: int = 48  # sequences per calibration batch
+    compressor: str = "brotli"  # artifact compressor: brotli or lzma
     # kernels (CUDA with Triton; elsewhere the plain expressions run)
-    fused_ce_enabled: bool = knob(True, "softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)")
-    fused_mlp: bool = knob(False, "MLP up-projection + LeakyReLU(0.5)^2 in one Triton matmul: 2-4 GiB less "
-                                  "activation memory, 1-3% slower steps than cuBLAS (PR #1530)")
+    fused_ce_enabled: bool = True  # softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)
+    # MLP up-projection + LeakyReLU(0.5)^2 in one Triton matmul: 2-4 GiB less activation memory, 1-3% slower steps
+    # than cuBLAS (PR #1530)
+    fused_mlp: bool = False
     # evaluation and TTT (PR #1626's phased score-first TTT)
-    eval_seq_len: int = knob(2048, "scoring window of the plain and sliding evaluations")
-    val_batch_tokens: int = knob(524288, "tokens per plain-evaluation batch, all ranks together")
-    eval_stride: int = knob(64, "sliding evaluation: new targets per window")
-    sliding_window_enabled: bool = knob(False, "add a sliding-window diagnostic before TTT")
-    ttt_enabled: bool = knob(True, "phased TTT evaluation (the reported score)")
-    phased_ttt_prefix_docs: int = knob(2000, "documents whose scores feed the global-SGD phases")
-    phased_ttt_num_phases: int = knob(3, "global-SGD phases over the prefix documents")
-    ttt_lora_rank: int = knob(96, "per-document LoRA rank")
-    ttt_lora_lr: float = knob(1e-4, "LoRA AdamW LR")
-    ttt_chunk_size: int = knob(48, "tokens scored per chunk, then trained on")
-    ttt_eval_seq_len: int = knob(2048, "TTT scoring window")
-    ttt_batch_size: int = knob(64, "documents per TTT batch")
-    ttt_grad_steps: int = knob(1, "LoRA steps per chunk")
-    ttt_weight_decay: float = knob(0.5, "LoRA AdamW weight decay")
-    ttt_beta1: float = knob(0.0, "LoRA AdamW beta1")
-    ttt_beta2: float = knob(0.999, "LoRA AdamW beta2")
-    ttt_k_lora: bool = knob(True, "LoRA on K")
-    ttt_mlp_lora: bool = knob(True, "LoRA beside the MLP")
-    ttt_o_lora: bool = knob(True, "LoRA beside the attention output")
-    val_doc_fraction: float = knob(1.0, "score a random subset of the val docs (quick checks only)")
-    global_ttt_lr: float = knob(0.001, "global-SGD peak LR (cosine over the phase's chunks)")
-    global_ttt_momentum: float = knob(0.9, "global-SGD momentum")
-    global_ttt_epochs: int = knob(1, "global-SGD epochs per phase")
-    global_ttt_chunk_tokens: int = knob(32768, "global-SGD tokens per step")
-    global_ttt_grad_clip: float = knob(1.0, "global-SGD grad-norm clip")
+    eval_seq_len: int = 2048  # scoring window of the plain and sliding evaluations
+    val_batch_tokens: int = 524288  # tokens per plain-evaluation batch, all ranks together
+    eval_stride: int = 64  # sliding evaluation: new targets per window
+    sliding_window_enabled: bool = False  # add a sliding-window diagnostic before TTT
+    ttt_enabled: bool = True  # phased TTT evaluation (the reported score)
+    phased_ttt_prefix_docs: int = 2000  # documents whose scores feed the global-SGD phases
+    phased_ttt_num_phases: int = 3  # global-SGD phases over the prefix documents
+    ttt_lora_rank: int = 96  # per-document LoRA rank
+    ttt_lora_lr: float = 1e-4  # LoRA AdamW LR
+    ttt_chunk_size: int = 48  # tokens scored per chunk, then trained on
+    ttt_eval_seq_len: int = 2048  # TTT scoring window
+    ttt_batch_size: int = 64  # documents per TTT batch
+    ttt_grad_steps: int = 1  # LoRA steps per chunk
+    ttt_weight_decay: float = 0.5  # LoRA AdamW weight decay
+    ttt_beta1: float = 0.0  # LoRA AdamW beta1
+    ttt_beta2: float = 0.999  # LoRA AdamW beta2
+    ttt_k_lora: bool = True  # LoRA on K
+    ttt_mlp_lora: bool = True  # LoRA beside the MLP
+    ttt_o_lora: bool = True  # LoRA beside the attention output
+    val_doc_fraction: float = 1.0  # score a random subset of the val docs (quick checks only)
+    global_ttt_lr: float = 0.001  # global-SGD peak LR (cosine over the phase's chunks)
+    global_ttt_momentum: float = 0.9  # global-SGD momentum
+    global_ttt_epochs: int = 1  # global-SGD epochs per phase
+    global_ttt_chunk_tokens: int = 32768  # global-SGD tokens per step
+    global_ttt_grad_clip: float = 1.0  # global-SGD grad-norm clip
 
     def __post_init__(self):
         """Derived values, computed once (the dataclass is frozen: nothing changes after this)."""
@@ -246,7 +238,7 @@ class Hyperparameters:
         values, errors = {}, []
         for f in fields(cls):
             raw = os.environ.get(f.name.upper()) if f.init else None
-            if raw is None or (raw == "" and not isinstance(f.default, tuple)):
+            if raw is None:
                 continue
             try:
                 values[f.name] = parse_env(f.name.upper(), raw, f.default)
