@@ -376,7 +376,7 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
     assert got["quantized_ttt_phased"] == (sum(d.length - 1 for d in subset),
                                            sum(int(val.bytes[d.start + 1 : d.start + d.length].sum()) for d in subset))
     real_val, real_batch = tg.eval_val, tg.ttt_batch
-    monkeypatch.setattr(tg, "eval_val", lambda m, v, *a: real_val(m, v._replace(tokens=v.tokens[:-64]), *a))
+    monkeypatch.setattr(tg, "eval_val", lambda h, m, v, *a: real_val(h, m, v._replace(tokens=v.tokens[:-64]), *a))
     with pytest.raises(RuntimeError, match=f"diagnostic quantized scored {full[0] - 64} targets / \\d+ bytes but the "
                                            f"set holds {full[0]} / {full[1]}: targets were skipped"):
         tg.evaluate_artifact(tiny_h(ttt_enabled=False), CPU, quiet, val, path, time.perf_counter(), tg.EAGER)

@@ -228,7 +228,7 @@ def test_refuses_duplicate_seed_and_missing_file(tmp_path, capsys):
 
 
 # ---------------- hardware and validation set: from the log ----------------
-CPU_SMOKE = LOGS / "cpu_smoke.log"   # a real smoke.sh run (2 CPU ranks, 8 val docs) plus the new log lines
+CPU_SMOKE = LOGS / "cpu_smoke.log"   # the run log of a real tools/smoke.sh run (2 CPU ranks, 8 val docs), unedited
 
 
 def test_cpu_smoke_run_is_refused_as_record(tmp_path, capsys):
@@ -322,7 +322,7 @@ def test_ttt_must_score_the_whole_val_set(tmp_path, capsys):
 def test_parse_real_cpu_smoke_log_and_world_size_line(tmp_path):
     r = record.parse_log(CPU_SMOKE)
     assert (r["hardware"], r["gpu_count"], r["world_size"], r["seed"]) == ("cpu", 2, 2, 0)
-    assert (r["steps"], r["iterations"]) == (30, 30) and r["ttt"] == (6.19755079, 3.32212047)
+    assert (r["steps"], r["iterations"]) == (30, 30) and r["ttt"] == (6.09336049, 3.26627055)
     assert (r["val_tokens"], r["val_bytes"], r["val_docs"]) == (2560, 6890, 8) and r["ttt_val_tokens"] == 2560
     p = variant(tmp_path, "train_seed42.log", "ws.log", lambda t: t.replace("world_size:8 ", "world_size:4 "))
     assert record.parse_log(p)["hp"]["world_size"] == "8" and record.parse_log(p)["world_size"] == 4  # the line wins
@@ -392,3 +392,16 @@ def test_plot_with_matplotlib(tmp_path, capsys):
     rc, out, _ = run_main([*SEEDS3, "--out", tmp_path, "--plot"], capsys)
     png = tmp_path / "curves.png"
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_submission_json_is_regenerated_from_a_committed_log_as_a_non_record(tmp_path, capsys):
+    """The root submission.json is tools/record.py's output for logs/e2e_h100_fineweb200val_full_ttt_compiled.log,
+    labelled non-record (one H100, 200 val docs) until an 8xH100 run exists."""
+    committed = json.loads((REPO / "submission.json").read_text())
+    assert committed["record"] is False and committed["track"] == "non_record_16mb" and committed["non_record_reasons"]
+    args = [REPO / "logs" / "e2e_h100_fineweb200val_full_ttt_compiled.log", "--out", tmp_path, "--allow-non-record",
+            "--hardware", committed["hardware"], "--name", committed["name"], "--author", committed["author"],
+            "--github-id", committed["github_id"], "--blurb", committed["blurb"]]
+    assert run_main(args, capsys)[0] == 0
+    fresh = json.loads((tmp_path / "submission.json").read_text())
+    assert {k: v for k, v in fresh.items() if k != "date"} == {k: v for k, v in committed.items() if k != "date"}
