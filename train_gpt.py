@@ -194,6 +194,19 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768  # global-SGD tokens per step
     global_ttt_grad_clip: float = 1.0  # global-SGD grad-norm clip
 
+    # derived in __post_init__
+    distributed: bool = field(init=False)
+    is_main_process: bool = field(init=False)
+    micro_batch_tokens: int = field(init=False)
+    datasets_dir: str = field(init=False)
+    logfile: str = field(init=False)
+    model_path: str = field(init=False)
+    quantized_model_path: str = field(init=False)
+    train_files: str = field(init=False)
+    val_files: str = field(init=False)
+    val_bytes_files: str = field(init=False)
+    depth_schedule: tuple = field(init=False)  # ((start fraction, depth), ...): the whole depth curriculum
+
     def __post_init__(self):
         """Derived values, computed once (the dataclass is frozen: nothing changes after this)."""
         accum = self.grad_accum_steps or max(1, 8 // self.world_size)
@@ -218,18 +231,6 @@ class Hyperparameters:
         ).items():
             object.__setattr__(self, k, v)
         check_config(self)
-
-    distributed: bool = field(init=False)
-    is_main_process: bool = field(init=False)
-    micro_batch_tokens: int = field(init=False)
-    datasets_dir: str = field(init=False)
-    logfile: str = field(init=False)
-    model_path: str = field(init=False)
-    quantized_model_path: str = field(init=False)
-    train_files: str = field(init=False)
-    val_files: str = field(init=False)
-    val_bytes_files: str = field(init=False)
-    depth_schedule: tuple = field(init=False)  # ((start fraction, depth), ...): the whole depth curriculum
 
     @classmethod
     def from_env(cls, **overrides):
@@ -318,6 +319,31 @@ def resolve_data_paths(h):
 
 
 # ----------------------------------------------------------------------------- RUNTIME
+
+
+# Every line tools/record.py reads from a run log, in one table: the trainer writes them only through record_line,
+# and a test fills each format and parses it back with record.py, so the two cannot drift apart.
+RECORD_LINES = dict(
+    score="{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms val_tokens:{tokens} val_bytes:{nbytes}",
+    train_step="{step}/{iterations} train_loss: {loss:.4f} train_time: {minutes:.1f}m tok/s: {tok_s:.0f}",
+    val_step="{step}/{iterations} val_loss: {loss:.4f} val_bpb: {bpb:.4f}",
+    stop="stopping_early: wallclock_cap train_time: {ms:.0f}ms step: {step}/{iterations}",
+    model_bytes="Serialized model quantized+{compressor}: {nbytes} bytes",
+    total_bytes="Total submission size quantized+{compressor}: {nbytes} bytes",
+    code_bytes="Code size (compressed): {nbytes} bytes ({minified})",
+    peak="peak memory allocated: {alloc} MiB reserved: {reserved} MiB",
+    eval_total="total_eval_time:{s:.1f}s",
+    eval_wall="eval_wall_time:{s:.1f}s (deserialisation, diagnostics, warm-up and TTT)",
+    torch="torch_version: {version}",
+    transform="data_transform: {transform}",
+    hardware="hardware: {name} x{world_size}",
+    world="world_size:{world_size} grad_accum_steps:{accum} micro_batch_tokens:{micro}",
+    val_set="val_tokens:{tokens} val_bytes:{nbytes} val_docs:{docs}",
+)
+
+
+def record_line(kind, **values):
+    return RECORD_LINES[kind].format(**values)
 
 
 def autocast(device):
@@ -594,9 +620,8 @@ def data_transform_line(h, sp):
                         f"{h.datasets_dir} holds {transform} data (manifest.json transform: {transform}); "
                         "set TOKENIZER_PATH to the tokenizer that made it" + (f" ({made_with})" if made_with else ""))
     transform = transform or ("caseops" if caseops else "none")
-    return f"data_transform: {transform}" + (
-        " (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else ""
-    )
+    lossy = " (LOSSY: legality never ruled on; not a record)" if transform == "casefold" else ""
+    return record_line("transform", transform=transform + lossy)
 
 
 # ----------------------------------------------------------------------------- KERNELS
@@ -1585,8 +1610,8 @@ def code_wrapper(source_text):
 
 def submission_size_lines(model_bytes, code_bytes, compressor, cap=SIZE_CAP_BYTES):
     total = model_bytes + code_bytes
-    lines = [f"Serialized model quantized+{compressor}: {model_bytes} bytes",
-             f"Total submission size quantized+{compressor}: {total} bytes"]
+    lines = [record_line("model_bytes", compressor=compressor, nbytes=model_bytes),
+             record_line("total_bytes", compressor=compressor, nbytes=total)]
     if total > cap:
         lines.append(f"WARNING: total submission size {total} bytes exceeds the {cap:,}-byte cap "
                      f"by {total - cap} bytes: this run is NOT A VALID RECORD")
@@ -1649,10 +1674,8 @@ def quantize_and_save(h, model, device, log, train_ms):
             f.write(blob)
         wrapper, minified = code_wrapper(open(__file__, encoding="utf-8").read())
         log(f"Code size (uncompressed): {os.path.getsize(__file__)} bytes")
-        log(
-            f"Code size (compressed): {len(wrapper.encode())} bytes "
-            f"({'minified' if minified else 'not minified: python-minifier absent'})"
-        )
+        log(record_line("code_bytes", nbytes=len(wrapper.encode()),
+                        minified="minified" if minified else "not minified: python-minifier absent"))
         lines, ok = submission_size_lines(os.path.getsize(h.quantized_model_path), len(wrapper.encode()), h.compressor)
         for line in lines:
             log(line)
@@ -1684,8 +1707,7 @@ def val_totals(val, docs=None):
 
 def log_score(name, s, ms, expect, log):
     """The result line, with the targets and bytes scored; a score that skipped or repeated targets is refused."""
-    log(f"{name} val_loss:{s.loss:.8f} val_bpb:{s.bpb:.8f} eval_time:{ms:.0f}ms "
-        f"val_tokens:{s.tokens} val_bytes:{s.bytes}")
+    log(record_line("score", name=name, loss=s.loss, bpb=s.bpb, ms=ms, tokens=s.tokens, nbytes=s.bytes))
     if (s.tokens, s.bytes) != expect:
         raise RuntimeError(f"{name} scored {s.tokens} targets / {s.bytes} bytes but the set holds {expect[0]} / "
                            f"{expect[1]}: targets were skipped or scored twice; this score is invalid (a scorer bug)")
@@ -2134,7 +2156,7 @@ def train(h, model, device, log, val, fns):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
             vl, vb = eval_val(h, model, val, device, Fwd(h.eval_loop_depth, fns))[:2]  # the records' depth
-            log(f"{step}/{h.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
+            log(record_line("val_step", step=step, iterations=h.iterations, loss=vl, bpb=vb))
             sync(device)
             t0 = time.perf_counter()
         if last:
@@ -2156,18 +2178,15 @@ def train(h, model, device, log, val, fns):
             dist.all_reduce(stats)
         loss, stop = stats.tolist()
         if step <= 5 or step % h.train_log_every == 0:
-            tok_s = step * h.train_batch_tokens / (elapsed / 1000)
-            log(f"{step}/{h.iterations} train_loss: {loss / h.world_size:.4f} "
-                f"train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
+            log(record_line("train_step", step=step, iterations=h.iterations, loss=loss / h.world_size,
+                            minutes=elapsed / 60000, tok_s=step * h.train_batch_tokens / (elapsed / 1000)))
         stop = stop > 0
     train_ms += 1000 * (time.perf_counter() - t0) if h.val_loss_every <= 0 else 0
     if stop:
-        log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
+        log(record_line("stop", ms=train_ms, step=step, iterations=h.iterations))
     if device.type == "cuda":
-        log(
-            f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: "
-            f"{torch.cuda.max_memory_reserved() // 2**20} MiB"
-        )
+        log(record_line("peak", alloc=torch.cuda.max_memory_allocated() // 2**20,
+                        reserved=torch.cuda.max_memory_reserved() // 2**20))
     log("ema:applying EMA weights")
     ema.apply()
     return train_ms
@@ -2197,8 +2216,8 @@ def evaluate_artifact(h, device, log, val, path, t_start, fns):
         log(f"ttt_lora:graphs compiled inside the timer: {compiled_graphs() - g0}")
     subset = ttt_docs(h, val) if h.val_doc_fraction < 1 else None  # else the whole set, not find_docs' idea of it
     log_score("quantized_ttt_phased", score, 1000 * t, val_totals(val, subset), log)
-    log(f"total_eval_time:{t:.1f}s")
-    log(f"eval_wall_time:{time.perf_counter() - t_start:.1f}s (deserialisation, diagnostics, warm-up and TTT)")
+    log(record_line("eval_total", s=t))
+    log(record_line("eval_wall", s=time.perf_counter() - t_start))
 
 
 def main():
@@ -2223,18 +2242,20 @@ def main():
         log(f"  {k}: {v}")
     for line in record_env_warnings():
         log(line)
-    log(f"torch_version: {torch.__version__}")
+    log(record_line("torch", version=torch.__version__))
     log(f"versions: python {sys.version.split()[0]} numpy {np.__version__} cuda {torch.version.cuda} "
         f"triton {getattr(triton, '__version__', None)}")
     log(f"attn_backend:{h.attn_backend} fused_mlp:{int(h.fused_mlp and KERNELS_ON)} "
         f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)}")
-    log(f"hardware: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x{h.world_size}")
-    log(f"world_size:{h.world_size} grad_accum_steps:{h.grad_accum_steps} micro_batch_tokens:{h.micro_batch_tokens}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(record_line("hardware", name=gpu, world_size=h.world_size))
+    log(record_line("world", world_size=h.world_size, accum=h.grad_accum_steps, micro=h.micro_batch_tokens))
     sp = load_tokenizer(h)
     log(data_transform_line(h, sp))
     val = load_val(h, sp)
     log(f"val_bpb:{val.source}:enabled")
-    log(f"val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.bytes[1:].sum())} val_docs:{len(find_docs(val.tokens))}")
+    tokens, nbytes = val_totals(val)
+    log(record_line("val_set", tokens=tokens, nbytes=nbytes, docs=len(find_docs(val.tokens))))
     if h.eval_only:
         path = h.artifact or h.quantized_model_path
         if not os.path.isfile(path):

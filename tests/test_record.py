@@ -405,3 +405,40 @@ def test_committed_submission_json_is_regenerated_from_a_committed_log_as_a_non_
     assert run_main(args, capsys)[0] == 0
     fresh = json.loads((tmp_path / "submission.json").read_text())
     assert {k: v for k, v in fresh.items() if k != "date"} == {k: v for k, v in committed.items() if k != "date"}
+
+
+def test_every_line_record_reads_comes_from_the_trainers_one_table(tmp_path):
+    """train_gpt.RECORD_LINES holds every line this parser reads (the trainer writes them only through
+    record_line): a log made of those formats, filled with known values, parses back to exactly those values."""
+    import train_gpt as tg
+    L = tg.record_line
+    lines = ["Hyperparameters:", "  seed: 7", L("torch", version="2.11.0+cu130"),
+             L("hardware", name="NVIDIA H100 80GB HBM3", world_size=8),
+             L("world", world_size=8, accum=1, micro=98304), L("transform", transform="caseops"),
+             L("val_set", tokens=47851520, nbytes=151074768, docs=50000),
+             L("train_step", step=4500, iterations=20000, loss=2.291, minutes=8.9, tok_s=6591079),
+             L("val_step", step=4550, iterations=20000, loss=2.4422, bpb=1.1159),
+             L("stop", ms=596123.4, step=4550, iterations=20000), L("peak", alloc=40029, reserved=44000),
+             L("score", name="diagnostic pre-quantization post-ema", loss=2.34, bpb=1.07, ms=6889, tokens=47851520,
+               nbytes=151074768),
+             L("code_bytes", nbytes=27255, minified="minified"),
+             L("model_bytes", compressor="brotli", nbytes=15950000),
+             L("total_bytes", compressor="brotli", nbytes=15977255),
+             L("score", name="diagnostic quantized", loss=2.36, bpb=1.08, ms=55988, tokens=47851520, nbytes=151074768),
+             L("score", name="quantized_ttt_phased", loss=2.3373, bpb=1.0681, ms=488803, tokens=47851520,
+               nbytes=151074768),
+             L("eval_total", s=488.8), L("eval_wall", s=700.0)]
+    assert set(tg.RECORD_LINES) == {"torch", "hardware", "world", "transform", "val_set", "train_step", "val_step",
+                                    "stop", "peak", "score", "code_bytes", "model_bytes", "total_bytes",
+                                    "eval_total", "eval_wall"}
+    p = tmp_path / "formats.log"
+    p.write_text("\n".join(lines) + "\n")
+    r = record.parse_log(p)
+    assert (r["torch_version"], r["hardware"], r["gpu_count"], r["world_size"], r["seed"]) == \
+        ("2.11.0+cu130", "NVIDIA H100 80GB HBM3", 8, 8, 7)
+    assert (r["transform"], r["val_tokens"], r["val_bytes"], r["val_docs"]) == ("caseops", 47851520, 151074768, 50000)
+    assert (r["steps"], r["iterations"], r["train_time_s"], r["peak_mib"]) == (4550, 20000, pytest.approx(596.1234), 40029)
+    assert r["pre"] == (2.34, 1.07) and r["quant"] == (2.36, 1.08) and r["ttt"] == (2.3373, 1.0681)
+    assert (r["ttt_val_tokens"], r["code_bytes"], r["model_bytes"], r["artifact_bytes"]) == \
+        (47851520, 27255, 15950000, 15977255)
+    assert (r["eval_time_s"], r["eval_wall_s"]) == (488.8, 700.0)
