@@ -15,7 +15,7 @@ The pipeline (main), section by section:
 """
 import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -37,16 +37,12 @@ class ConfigError(DataError):
 
 
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-# Env names of the record scripts that this one does not read: set, they would silently change nothing.
-RECORD_ENV_NOT_READ = {
-    "PHASED_TTT_ENABLED": "phased TTT is the only TTT (TTT_ENABLED gates it)",
-    "GLOBAL_TTT_BATCH_SEQS": "one packed row per rank", "GLOBAL_TTT_WARMUP_START_LR": "no warm-up",
-    "GLOBAL_TTT_WARMUP_CHUNKS": "no warm-up", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "always",
-    "TTT_OPTIMIZER": "AdamW", "TIE_EMBEDDINGS": "always tied", "SKIP_GATES_ENABLED": "always on",
-    "ROPE_YARN": "no YaRN", "ROPE_TRAIN_SEQ_LEN": "no YaRN", "ATTN_OUT_GATE_ENABLED": "not implemented",
-    "TRAIN_LOOP_DEPTH_DIST": "fixed depths only", "SMEAR_GATE_ENABLED": "not implemented yet (PR #1855)",
-    "SPARSE_ATTN_GATE_ENABLED": "not implemented yet (PR #1855)", "LQER_ENABLED": "not implemented yet (PR #1855)",
-}
+# Env names of the record scripts that this one does not read (README says why each): set, they would silently
+# change nothing, so they are warned about.
+RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
+                       "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
+                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST SMEAR_GATE_ENABLED "
+                       "SPARSE_ATTN_GATE_ENABLED LQER_ENABLED").split()
 
 
 def parse_env(name, raw, default):
@@ -70,7 +66,7 @@ def parse_env(name, raw, default):
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Every setting, read once from env vars by from_env() (name = field name in capitals unless given).
+    """Every setting, read once from env vars by from_env() (name = the field name in capitals).
     Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729)."""
 
     # paths and run control
@@ -194,21 +190,9 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32768  # global-SGD tokens per step
     global_ttt_grad_clip: float = 1.0  # global-SGD grad-norm clip
 
-    # derived in __post_init__
-    distributed: bool = field(init=False)
-    is_main_process: bool = field(init=False)
-    micro_batch_tokens: int = field(init=False)
-    datasets_dir: str = field(init=False)
-    logfile: str = field(init=False)
-    model_path: str = field(init=False)
-    quantized_model_path: str = field(init=False)
-    train_files: str = field(init=False)
-    val_files: str = field(init=False)
-    val_bytes_files: str = field(init=False)
-    depth_schedule: tuple = field(init=False)  # ((start fraction, depth), ...): the whole depth curriculum
-
     def __post_init__(self):
-        """Derived values, computed once (the dataclass is frozen: nothing changes after this)."""
+        """Derived values (distributed, is_main_process, micro_batch_tokens, paths, depth_schedule: the whole depth
+        curriculum as ((start fraction, depth), ...)), computed once; the dataclass is frozen after this."""
         accum = self.grad_accum_steps or max(1, 8 // self.world_size)
         out, run_id = self.artifact_dir or ".", self.run_id or uuid.uuid4().hex[:12]
         datasets_dir, tokenizer = resolve_data_paths(self)
@@ -250,12 +234,12 @@ class Hyperparameters:
         return cls(**{**values, **overrides})
 
     def public(self):
-        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.name)}
+        return vars(self)  # the settings and the values derived from them
 
 
 def record_env_warnings():
     """Record-script env vars that are set but mean nothing here: a record's command line would silently differ."""
-    return [f"warning: {k} is set but not read: {why}" for k, why in RECORD_ENV_NOT_READ.items() if k in os.environ]
+    return [f"warning: {k} is set but not read (see README)" for k in RECORD_ENV_NOT_READ if k in os.environ]
 
 
 def depth_schedule(h):
@@ -268,7 +252,7 @@ def depth_schedule(h):
     shares = h.train_loop_phase_fractions or (1.0,) * len(depths)
     if len(shares) != len(depths):
         raise ConfigError(f"TRAIN_LOOP_PHASE_FRACTIONS has {len(shares)} entries for {len(depths)} "
-                          "TRAIN_LOOP_PHASE_DEPTHS; give one share per phase or none")
+                          "TRAIN_LOOP_PHASE_DEPTHS: one share per phase")
     starts = np.concatenate([[0.0], np.cumsum(shares)[:-1] / sum(shares)])
     return tuple(zip(starts.tolist(), depths))
 
@@ -334,7 +318,7 @@ RECORD_LINES = dict(
     peak="peak memory allocated: {alloc} MiB reserved: {reserved} MiB",
     eval_total="total_eval_time:{s:.1f}s",
     eval_wall="eval_wall_time:{s:.1f}s (deserialisation, diagnostics, warm-up and TTT)",
-    torch="torch_version: {version}",
+    torch="torch_version: {} python {} numpy {} cuda {} triton {}",
     transform="data_transform: {transform}",
     hardware="hardware: {name} x{world_size}",
     world="world_size:{world_size} grad_accum_steps:{accum} micro_batch_tokens:{micro}",
@@ -342,8 +326,8 @@ RECORD_LINES = dict(
 )
 
 
-def record_line(kind, **values):
-    return RECORD_LINES[kind].format(**values)
+def record_line(kind, *args, **values):
+    return RECORD_LINES[kind].format(*args, **values)
 
 
 def autocast(device):
@@ -735,8 +719,9 @@ def _ce_bwd_triton(z, targets, lse, g, softcap):
     return dz
 
 
-@torch.library.custom_op("pgolf::mlp_up", mutates_args=())
-def mlp_up(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Explicit schemas: the counted (minified) code has no annotations for custom_op to infer them from.
+@torch.library.custom_op("pgolf::mlp_up", mutates_args=(), schema="(Tensor x, Tensor w) -> (Tensor, Tensor)")
+def mlp_up(x, w):
     """(leaky_relu(x @ w.T, 0.5)^2, x @ w.T < 0) for x [M, K], w [N, K]. The sign mask (1 byte) and hid, which
     the down projection keeps anyway, are all the backward needs: |pre| = sqrt(hid) (x2 where pre < 0)."""
     if x.is_cuda and triton is not None:
@@ -765,8 +750,9 @@ def _mlp_up_bwd(ctx, g, _):
 mlp_up.register_autograd(_mlp_up_bwd, setup_context=_mlp_up_setup)
 
 
-@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
-def softcap_ce(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=(),
+                         schema="(Tensor z, Tensor targets, float softcap) -> (Tensor, Tensor)")
+def softcap_ce(z, targets, softcap):
     """(NLL, logsumexp) per row of the softcapped logits softcap*tanh(z/softcap), z [M, V] in any float dtype,
     targets [M]; both fp32."""
     if z.is_cuda and triton is not None:
@@ -780,10 +766,9 @@ def _(z, targets, softcap):
     return tuple(z.new_empty(z.size(0), dtype=torch.float32) for _ in range(2))
 
 
-@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
-def softcap_ce_bwd(
-    z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, softcap: float
-) -> torch.Tensor:
+@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=(),
+                         schema="(Tensor z, Tensor targets, Tensor lse, Tensor g, float softcap) -> Tensor")
+def softcap_ce_bwd(z, targets, lse, g, softcap):
     """d loss / d z = (softmax - onehot) * (1 - tanh^2) * g per row, in z's dtype."""
     if z.is_cuda and triton is not None:
         return _ce_bwd_triton(z, targets, lse, g, softcap)
@@ -872,8 +857,7 @@ def attention_backend(asked):
     default = "fa3" if _FA3 else "flex" if torch.cuda.is_available() else "sdpa"
     if asked and (asked not in ("fa3", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
                   or asked == "varlen" and not _VARLEN):
-        raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here (fa3 needs flash_attn_interface, varlen "
-                          f"torch's varlen_attn on CUDA); unset it for {default}")
+        raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here; unset it for {default}")
     return asked or default
 
 
@@ -1594,7 +1578,8 @@ def unpack_artifact(blob, name="artifact"):
 
 
 def code_wrapper(source_text):
-    """Counted code = this two-line self-extracting stub (minified source, LZMA, Base85), not the raw file."""
+    """Counted code = this two-line self-extracting stub (minified source, LZMA, Base85), not the raw file. The
+    source also goes into linecache under a file name: Triton's @jit reads its kernels' source (inspect)."""
     try:
         import python_minifier
 
@@ -1605,7 +1590,8 @@ def code_wrapper(source_text):
     except ImportError:
         text, minified = source_text, False
     blob = base64.b85encode(lzma.compress(text.encode())).decode()
-    return f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{blob}")))\n', minified
+    return (f'import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b85decode("{blob}")).decode();'
+            'f="train_gpt.py";C.cache[f]=(len(s),None,s.splitlines(1),f);exec(compile(s,f,"exec"))\n', minified)
 
 
 def submission_size_lines(model_bytes, code_bytes, compressor, cap=SIZE_CAP_BYTES):
@@ -1853,8 +1839,10 @@ def mark_rows(dims, *tensors):
             torch._dynamo.maybe_mark_dynamic(t, d)
 
 
-def adapter_tensors(lora):
-    return [t for ab in lora or () if ab is not None for t in ab]
+def mark_block_inputs(attn, lora, *acts):
+    """A block's activations [rows, width, d], RoPE tables [1, width, 1, k] and LoRA factors [rows, ...]."""
+    mark_rows((0, 1), *acts), mark_rows((1,), *attn.rope[:2])
+    mark_rows((0,), *(t for ab in lora or () if ab is not None for t in ab))
 
 
 def ttt_block_fns(h):
@@ -1867,11 +1855,11 @@ def ttt_block_fns(h):
     seq, par, head = (torch.compile(f) for f in EAGER)
 
     def seq_fn(x, x0, w, attn, lora, cap):
-        mark_rows((0, 1), x, x0), mark_rows((1,), *attn.rope[:2]), mark_rows((0,), *adapter_tensors(lora))
+        mark_block_inputs(attn, lora, x, x0)
         return seq(x, x0, w, attn, lora, cap)
 
     def par_fn(lane0, lane1, x0, w, r, P, attn, lora, cap):
-        mark_rows((0, 1), lane0, lane1, x0), mark_rows((1,), *attn.rope[:2]), mark_rows((0,), *adapter_tensors(lora))
+        mark_block_inputs(attn, lora, lane0, lane1, x0)
         return par(lane0, lane1, x0, w, r, P, attn, lora, cap)
 
     def head_fn(hid, emb, targets, head_lora, softcap, fused):
@@ -2144,8 +2132,7 @@ def train(h, model, device, log, val, fns):
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else 0
     if cap_ms:
         log(f"gptq:reserving {h.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
-    log(f"loop_depth_schedule: {[(round(s, 4), d) for s, d in h.depth_schedule]} (start fraction, depth) "
-        f"prewarm={list(h.train_loop_prewarm_depths)} eval_depth={h.eval_loop_depth}")
+    log(f"loop_depth_schedule: {h.depth_schedule} prewarm={h.train_loop_prewarm_depths} eval_depth={h.eval_loop_depth}")
     fwd = Fwd(1, fns)
     step, train_ms, stop = 0, 0.0, False
     sync(device)
@@ -2238,13 +2225,12 @@ def main():
     log = Logger(h)
     log.file_only(open(__file__, encoding="utf-8").read())  # the run log carries the code that made it
     log("Hyperparameters:")
-    for k, v in h.public().items():
+    for k, v in sorted(h.public().items()):
         log(f"  {k}: {v}")
     for line in record_env_warnings():
         log(line)
-    log(record_line("torch", version=torch.__version__))
-    log(f"versions: python {sys.version.split()[0]} numpy {np.__version__} cuda {torch.version.cuda} "
-        f"triton {getattr(triton, '__version__', None)}")
+    log(record_line("torch", torch.__version__, sys.version.split()[0], np.__version__, torch.version.cuda,
+                    getattr(triton, "__version__", None)))
     log(f"attn_backend:{h.attn_backend} fused_mlp:{int(h.fused_mlp and KERNELS_ON)} "
         f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)}")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

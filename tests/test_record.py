@@ -412,7 +412,7 @@ def test_every_line_record_reads_comes_from_the_trainers_one_table(tmp_path):
     record_line): a log made of those formats, filled with known values, parses back to exactly those values."""
     import train_gpt as tg
     L = tg.record_line
-    lines = ["Hyperparameters:", "  seed: 7", L("torch", version="2.11.0+cu130"),
+    lines = ["Hyperparameters:", "  seed: 7", L("torch", "2.11.0+cu130", "3.12.3", "2.5.2", "13.0", "3.6.0"),
              L("hardware", name="NVIDIA H100 80GB HBM3", world_size=8),
              L("world", world_size=8, accum=1, micro=98304), L("transform", transform="caseops"),
              L("val_set", tokens=47851520, nbytes=151074768, docs=50000),
