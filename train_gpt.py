@@ -41,7 +41,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 # change nothing, so they are warned about.
 RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
-                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST SMEAR_GATE_ENABLED "
+                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
                        "SPARSE_ATTN_GATE_ENABLED LQER_ENABLED").split()
 
 
@@ -123,6 +123,8 @@ class Hyperparameters:
     gated_attn_enabled: bool = True  # per-head sigmoid gate on the attention output (PR #1736)
     gated_attn_init_std: float = 0.005  # gate weight init std
     gated_attn_quant_gate: bool = True  # gate weights int8 per row instead of fp16
+    smear_gate_enabled: bool = False  # BOS-masked SmearGate on the token embedding (PR #1797, BOS fix #1851)
+    gate_window: int = 12  # embedding dims the SmearGate reads
     # optimisation and data
     train_batch_tokens: int = 786432  # global tokens per step; a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN
     train_seq_len: int = 2048  # longest attention segment in training (documents are packed)
@@ -138,6 +140,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500  # steps of the linear momentum warm-up
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_row_normalize: bool = True  # normalise update rows before Newton-Schulz
+    muon_polar_express: bool = False  # Polar Express coefficients, one tuple per iteration (PR #1855's Muon)
     muon_wd: float = 0.095  # decoupled weight decay of the matrices
     wd_taper_start_frac: float = 0.70  # Muon WD taper starts here (PR #1729)
     wd_taper_final_mult: float = 0.50  # Muon WD multiplier at the end; 1: no taper (PR #1736/#1756)
@@ -1031,6 +1034,14 @@ def loop_depth_at(h, frac):
     return [depth for start, depth in h.depth_schedule if frac >= start][-1]
 
 
+def smear(e, ids, w, lam):
+    """SmearGate: e_t + lam*sigmoid(w . e_t[:window]) * e_{t-1}, never at a row's first position nor at a BOS (the
+    previous token then belongs to another document: #1797's leak, fixed in #1851)."""
+    g = lam.to(e.dtype) * torch.sigmoid(e[..., : w.numel()] @ w.to(e.dtype))[..., None]
+    prev = F.pad(e[:, :-1], (0, 0, 1, 0))
+    return e + g * (ids != BOS_ID)[..., None].to(e.dtype) * prev
+
+
 def head_logits(hid, emb, head_lora):
     n = rms(hid)
     z = F.linear(n, emb.to(n.dtype))
@@ -1100,6 +1111,9 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        if h.smear_gate_enabled:  # zero init: the identity until smear_lambda moves
+            self.smear_gate_w = nn.Parameter(torch.zeros(h.gate_window))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
             for i in range(L):
@@ -1139,7 +1153,8 @@ class GPT(nn.Module):
             cu = packed_block_mask(cu, ids.size(1))
         max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
         attn = AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
-        x0 = rms(self.tok_emb(ids))
+        e = self.tok_emb(ids)
+        x0 = rms(smear(e, ids, self.smear_gate_w, self.smear_lambda) if h.smear_gate_enabled else e)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
         if fwd.loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
             x.requires_grad_()
@@ -1237,17 +1252,22 @@ def param_groups(model):
 # ----------------------------------------------------------------------------- OPTIMIZER
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344, in #1787/#1855): one (a, b, c) per iteration; only these five run, whatever the steps.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def newton_schulz(g, steps):
-    """Approximate orthogonalisation of a batch of matrices [B, r, c] in bf16."""
+def newton_schulz(g, steps, polar=False):
+    """Approximate orthogonalisation of a batch of matrices [B, r, c] in bf16 (sigma -> a s + b s^3 + c s^5)."""
     x = g.to(torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.transpose(-2, -1)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
+    for a, b, c in POLAR_EXPRESS[:steps] if polar else (NS_COEFFS,) * steps:
         A = x @ x.transpose(-2, -1)
         x = a * x + (b * A + c * (A @ A)) @ x
     return x.transpose(-2, -1) if tall else x
@@ -1317,7 +1337,7 @@ class Muon:
             u = g + momentum * m
             if self.h.muon_row_normalize:
                 u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-            u = newton_schulz(u, self.h.muon_backend_steps).to(torch.bfloat16)
+            u = newton_schulz(u, self.h.muon_backend_steps, self.h.muon_polar_express).to(torch.bfloat16)
             if self.ws > 1:
                 full = u.new_empty(n * self.ws, *u.shape[1:])
                 work = dist.all_gather_into_tensor(full, u, async_op=True)

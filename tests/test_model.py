@@ -368,3 +368,46 @@ def test_param_groups_partition_all_parameters():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in banks} == {"qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"}
     assert not any(names[id(p)].endswith("_bank") for p in scalars)
+
+
+# ----------------------------------------------------------------------------- SmearGate (SMEAR_GATE_ENABLED)
+
+
+def test_smear_gate_adds_the_previous_embedding_except_at_bos_and_row_start():
+    """lam=1, w=0: gate 0.5 everywhere; row [a, BOS, b]: a and BOS keep their embeddings, b gets 0.5*E[BOS]."""
+    E = torch.randn(64, 16)
+    ids = torch.tensor([[7, tg.BOS_ID, 9]])
+    out = tg.smear(E[ids], ids, torch.zeros(12), torch.ones(1))
+    assert torch.equal(out[0, 0], E[7]) and torch.equal(out[0, 1], E[tg.BOS_ID])
+    torch.testing.assert_close(out[0, 2], E[9] + 0.5 * E[tg.BOS_ID])
+
+
+def test_smear_gate_at_zero_lambda_is_the_plain_model():
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    smeared, plain = tiny_model(depth=3, smear_gate_enabled=True), tiny_model(depth=3)
+    plain.load_state_dict({k: v for k, v in smeared.state_dict().items() if not k.startswith("smear")})
+    assert smeared.smear_lambda.abs().item() > 0  # trained-looking: the gate is open
+    assert (logits(smeared, ids) - logits(plain, ids)).abs().max() > 1e-3
+    with torch.no_grad():
+        smeared.smear_lambda.zero_()
+    torch.testing.assert_close(logits(smeared, ids), logits(plain, ids), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_smear_gate_never_carries_a_document_into_the_next(depth):
+    """Packed row: changing the last token before a BOS leaves every logit from that BOS on unchanged (#1797's leak
+    changed the prediction at the BOS), and each document scores as it does alone."""
+    model = tiny_model(depth, smear_gate_enabled=True)
+    row, docs = packed_row([13, 19, 16], seed=4)
+    cu = lambda r: tg.cu_seqlens_for(r.numpy(), 64, bucket=8)
+    base = logits(model, row[None], cu(row))[0]
+    s1 = len(docs[0])
+    row2 = row.clone()
+    row2[s1 - 1] = changed_token(row[s1 - 1])
+    out = logits(model, row2[None], cu(row2))[0]
+    torch.testing.assert_close(out[s1:], base[s1:], atol=1e-6, rtol=1e-6, msg="the smear crossed a BOS")
+    assert (out[s1 - 1] - base[s1 - 1]).abs().max() > 1e-3
+    start = 0
+    for d in docs:
+        torch.testing.assert_close(base[start : start + len(d)], logits(model, d[None])[0], atol=1e-4, rtol=1e-4)
+        start += len(d)

@@ -578,3 +578,29 @@ def test_same_seed_same_numbers_as_the_log_committed_before_the_redesign(small_v
     assert [k for k, _, _ in got[1]] == [k for k, _, _ in want[1]]
     for (k, a, b), (_, a0, b0) in zip(got[1], want[1]):
         assert (a, b) == (pytest.approx(a0, abs=2e-4), pytest.approx(b0, abs=2e-4)), k
+
+
+def test_polar_express_newton_schulz_maps_singular_values_into_a_tight_band(monkeypatch):
+    """PR #1855's per-iteration coefficients: every sigma in [1e-3, 1] lands in [0.859, 1.141] after the five steps
+    (the stock quintic leaves 1e-3 at 0.47); on Gaussian banks the output singular values stay within [0.85, 1.15];
+    more steps than tuples run the five tuples only; Muon uses them when MUON_POLAR_EXPRESS=1."""
+    s = torch.logspace(-3, 0, 400, dtype=torch.float64)
+    pe, stock = s.clone(), s.clone()
+    for (a, b, c), (a0, b0, c0) in zip(tg.POLAR_EXPRESS, [tg.NS_COEFFS] * 5):
+        pe, stock = a * pe + b * pe**3 + c * pe**5, a0 * stock + b0 * stock**3 + c0 * stock**5
+    assert 0.858 < pe.min() and pe.max() < 1.142 and stock.min() < 0.5
+    torch.manual_seed(0)
+    for shape in ((256, 512), (512, 2048), (2048, 512)):
+        g = torch.randn(1, *shape)
+        sv = torch.linalg.svdvals(tg.newton_schulz(g, 5, polar=True).float()[0])
+        assert 0.84 < sv.min() and sv.max() < 1.16, shape
+        assert torch.linalg.svdvals(tg.newton_schulz(g, 5).float()[0]).min() < 0.8
+    assert torch.equal(tg.newton_schulz(g, 7, polar=True), tg.newton_schulz(g, 5, polar=True))
+    seen = []
+    real = tg.newton_schulz
+    monkeypatch.setattr(tg, "newton_schulz", lambda g, steps, polar=False: seen.append(polar) or real(g, steps, polar))
+    for flag in (False, True):
+        bank = torch.nn.Parameter(torch.randn(2, 8, 4))
+        bank.grad = torch.randn_like(bank)
+        tg.Muon(make_h(muon_polar_express=flag), [bank]).step(0.01, 0.9, 0.0)
+    assert seen == [False, True]
