@@ -42,7 +42,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
                        "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
-                       "SPARSE_ATTN_GATE_ENABLED LQER_ENABLED").split()
+                       "LQER_ENABLED").split()
 
 
 def parse_env(name, raw, default):
@@ -123,8 +123,12 @@ class Hyperparameters:
     gated_attn_enabled: bool = True  # per-head sigmoid gate on the attention output (PR #1736)
     gated_attn_init_std: float = 0.005  # gate weight init std
     gated_attn_quant_gate: bool = True  # gate weights int8 per row instead of fp16
+    # sparse attention output gate (PR #1855), replacing the dense one: sigmoid(scale * a[:GATE_WINDOW] W^T) per head
+    sparse_attn_gate_enabled: bool = False
+    sparse_attn_gate_init_std: float = 0.0  # 0: zero init (gates start at 0.5)
+    sparse_attn_gate_scale: float = 1.0  # kappa: a softer gate below 1 (#1855 ran 0.5)
     smear_gate_enabled: bool = False  # BOS-masked SmearGate on the token embedding (PR #1797, BOS fix #1851)
-    gate_window: int = 12  # embedding dims the SmearGate reads
+    gate_window: int = 12  # input dims the SmearGate and the sparse attention gate read
     # optimisation and data
     train_batch_tokens: int = 786432  # global tokens per step; a multiple of WORLD_SIZE*accum*TRAIN_SEQ_LEN
     train_seq_len: int = 2048  # longest attention segment in training (documents are packed)
@@ -924,6 +928,7 @@ class BlockWeights(NamedTuple):
     ln_s: torch.Tensor  # 0-d tensor, not a float: a Python constant would recompile the block per layer
     xsa: bool
     fused_mlp: bool
+    gate_scale: float = 1.0
 
 
 class Lora(NamedTuple):
@@ -969,8 +974,8 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
         vn = F.normalize(v, dim=-1).unsqueeze(-2)
         y5 = y.view(B, T, KV, H // KV, D)
         y = (y5 - (y5 * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-    if w.gate_w is not None:
-        y = y * torch.sigmoid(F.linear(a, w.gate_w.to(a.dtype))).unsqueeze(-1)
+    if w.gate_w is not None:  # per-head output gate on the first gate_w.size(1) input dims (all of them: dense)
+        y = y * torch.sigmoid(w.gate_scale * F.linear(a[..., : w.gate_w.size(1)], w.gate_w.to(a.dtype))).unsqueeze(-1)
     y = y.reshape(B, T, H * D)
     out = linear(y, w.wo, None, cap, "attn.proj")
     if lora is not None and lora.o is not None:
@@ -1008,14 +1013,18 @@ def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, attn: AttnArgs, lora
 class Block(nn.Module):
     """Control tensors of one physical layer; its matrices live in the GPT's banks."""
 
-    def __init__(self, h, gated):
+    def __init__(self, h):
         super().__init__()
         d = h.model_dim
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, d) * h.gated_attn_init_std) if gated else None
+        self.attn_gate_w = None  # the sparse gate replaces the dense one
+        if h.sparse_attn_gate_enabled:
+            self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, h.gate_window) * h.sparse_attn_gate_init_std)
+        elif h.gated_attn_enabled:
+            self.attn_gate_w = nn.Parameter(torch.randn(h.num_heads, d) * h.gated_attn_init_std)
 
 
 def layer_plan(h, depth):
@@ -1105,7 +1114,7 @@ class GPT(nn.Module):
         self.kv_bank = nn.Parameter(torch.empty(2 * L, KV * hd, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hid, d))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hid))
-        self.blocks = nn.ModuleList(Block(h, h.gated_attn_enabled) for _ in range(L))
+        self.blocks = nn.ModuleList(Block(h) for _ in range(L))
         self.num_skips = min(len(p) for p in layer_plan(h, h.num_loops + 1))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
@@ -1131,7 +1140,8 @@ class GPT(nn.Module):
         L, b = self.h.num_layers, self.blocks[i]
         return BlockWeights(self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.qo_bank[L + i],
                             self.mlp_up_bank[i], self.mlp_down_bank[i], b.attn_scale, b.mlp_scale, b.resid_mix,
-                            b.q_gain, b.attn_gate_w, self.ln_scales[i], i >= L - self.h.xsa_last_n, self.h.fused_mlp)
+                            b.q_gain, b.attn_gate_w, self.ln_scales[i], i >= L - self.h.xsa_last_n, self.h.fused_mlp,
+                            self.h.sparse_attn_gate_scale if self.h.sparse_attn_gate_enabled else 1.0)
 
     def rope(self, T, device):
         key = (T, str(device))
@@ -1412,7 +1422,7 @@ class EMA:
 # CRC32; the self-extracting code wrapper whose bytes count against the 16,000,000-byte cap with the artifact's.
 
 PASSTHROUGH_MAX_NUMEL = 65536
-GATE_NUMEL_RANGE = (1024, 8192)
+GATE_NUMEL_RANGE = (32, 8192)  # the dense [8, 512] and the sparse [8, 12] gates
 SIZE_CAP_BYTES = 16_000_000
 FP16_TINY = 2.0**-24  # smallest positive fp16: the records' 1e-10 floor rounds to 0 in fp16 and gives 0/0 rows
 

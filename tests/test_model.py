@@ -411,3 +411,34 @@ def test_smear_gate_never_carries_a_document_into_the_next(depth):
     for d in docs:
         torch.testing.assert_close(base[start : start + len(d)], logits(model, d[None])[0], atol=1e-4, rtol=1e-4)
         start += len(d)
+
+
+# ----------------------------------------------------------------------------- sparse attention gate
+
+
+def test_sparse_attention_gate_scales_each_head_by_its_narrow_gate():
+    """SPARSE_ATTN_GATE_ENABLED: y_h * sigmoid(kappa * a[:12] . W_h) per head, after attention and XSA, before the
+    output projection (taken as the identity here, to read y). Dims >= GATE_WINDOW never reach the gate; zero W
+    halves the output exactly."""
+    model = tiny_model(depth=1, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5)
+    w = model.weights(3)._replace(wo=torch.eye(64))
+    assert tuple(w.gate_w.shape) == (4, 12) and w.gate_scale == 0.5 and w.gate_w.abs().min() > 0
+    a = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(2))
+    attn = tg.AttnArgs(model.rope(24, a.device), None, 64, "sdpa")
+    with torch.no_grad():
+        plain = tg.attention(a, w._replace(gate_w=None), attn, None, None).view(2, 24, 4, 16)
+        gate = torch.sigmoid(0.5 * a[..., :12] @ w.gate_w.T)[..., None]
+        torch.testing.assert_close(tg.attention(a, w, attn, None, None).view(2, 24, 4, 16), plain * gate)
+        half = tg.attention(a, w._replace(gate_w=torch.zeros(4, 12)), attn, None, None).view(2, 24, 4, 16)
+        torch.testing.assert_close(half, 0.5 * plain, atol=0, rtol=0)
+
+
+def test_frontier_flags_build_the_1855_model(default_counts):
+    """PR #1855's command line (sparse gate + SmearGate) builds its 35,945,671-parameter model; the sparse [8, 12]
+    gates are quantized int8 per row like the dense ones."""
+    with torch.device("meta"):
+        model = tg.GPT(make_h(sparse_attn_gate_enabled=True, smear_gate_enabled=True))
+    assert sum(p.numel() for p in model.parameters()) == 35_945_671
+    assert tuple(model.blocks[0].attn_gate_w.shape) == (8, 12)
+    payload, _ = tg.quantize_state_dict(make_h(), {"blocks.0.attn_gate_w": torch.randn(8, 12)}, {})
+    assert payload["m"]["blocks.0.attn_gate_w"] == "gate_int8_row"

@@ -177,7 +177,8 @@ def test_passthrough_does_not_drag_a_view_storage():
     assert payload["w"]["skip_gates"].untyped_storage().nbytes() == 8 * 64 * 2
 
 
-@pytest.mark.parametrize("shape,gated", [((8, 128), True), ((8, 1024), True), ((1, 1023), False),
+# numel window 32..8192 (PR #1855 widened B's 1,024 lower bound for the sparse [8, 12] gate)
+@pytest.mark.parametrize("shape,gated", [((8, 128), True), ((8, 1024), True), ((8, 12), True), ((1, 31), False),
                                          ((8, 1025), False), ((4096,), False)])
 def test_gate_int8_row_numel_window(shape, gated):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(4))
