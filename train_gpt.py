@@ -1065,9 +1065,8 @@ def head_losses(hid, emb, targets, head_lora, softcap, fused=False):
     """Tied head, softcap and cross-entropy in one function so that compile fuses the [tokens, vocab] temporaries;
     fused (FUSED_CE_ENABLED, CUDA): one Triton pass over the bf16 logits instead."""
     if fused and kernel_ok(hid):
-        return softcap_ce(head_logits(hid, emb, head_lora).flatten(0, -2), targets.flatten(), softcap)[0].view(
-            targets.shape
-        )
+        z = head_logits(hid, emb, head_lora).flatten(0, -2)
+        return softcap_ce(z, targets.flatten(), softcap)[0].view(targets.shape)
     z = softcap_logits(hid, emb, head_lora, softcap)
     return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
@@ -1246,9 +1245,8 @@ class GPT(nn.Module):
 
 def build_model(h, device):
     model = GPT(h).to(device)
-    model.tok_emb.weight.data = (
-        model.tok_emb.weight.data.to(torch.bfloat16) if device.type == "cuda" else model.tok_emb.weight.data
-    )
+    if device.type == "cuda":
+        model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16)
     return model
 
 
@@ -1848,9 +1846,7 @@ class WorkClaimer:
     def __init__(self, h):
         self.h, self.local = h, {}
         self.store = dist.distributed_c10d._get_default_store() if h.distributed else None
-        if (
-            self.store is not None
-        ):  # one namespace per evaluation, agreed by all ranks (RUN_ID is a per-process uuid if unset)
+        if self.store is not None:  # one namespace per evaluation, agreed by all ranks (RUN_ID may differ per rank)
             ns = [uuid.uuid4().hex]
             dist.broadcast_object_list(ns, src=0)
             self.ns = ns[0]
@@ -1943,9 +1939,8 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
         meta = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()])
         live = len(rows)
         if live == 1:  # a padding row rides along, nothing scored or trained: one row would need its own graphs
-            rows, meta = torch.cat([rows, (rows + 1) % len(docs)]), torch.cat(
-                [meta, torch.tensor([[0], [1], [C + 1], [0]])], 1
-            )
+            rows = torch.cat([rows, (rows + 1) % len(docs)])
+            meta = torch.cat([meta, torch.tensor([[0], [1], [C + 1], [0]])], 1)
         base, lim, first, upd = meta.to(device, non_blocking=True)
         col = torch.arange(width, device=device)
         valid = col < lim[:, None]
@@ -2047,16 +2042,8 @@ def ttt_warmup(h, model, fns, device, log):
     starts = np.cumsum([0] + lens[:-1])
     toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
     toks[torch.from_numpy(starts).to(device)] = BOS_ID
-    ttt_batch(
-        h,
-        model,
-        fns,
-        toks,
-        torch.ones_like(toks),
-        [Doc(int(s), n) for s, n in zip(starts, lens)],
-        device,
-        torch.Generator(device=device).manual_seed(0),
-    )
+    docs, gen = [Doc(int(s), n) for s, n in zip(starts, lens)], torch.Generator(device=device).manual_seed(0)
+    ttt_batch(h, model, fns, toks, torch.ones_like(toks), docs, device, gen)
     if h.phased_ttt_prefix_docs > 0:
         model.requires_grad_(True)
         loss = global_sgd_loss(h, model, torch.randint(8, h.vocab_size, (h.global_ttt_chunk_tokens + 1,)), device)
@@ -2280,9 +2267,8 @@ def main():
             )
         evaluate_artifact(h, device, log, val, path, t_start, compiled_block_fns(h))
         return
-    log(
-        f"train_shards: {len(check_shards(h.train_files, 'training'))}"
-    )  # all of them now, not when training gets there
+    # every train shard's header and size now, not when training reaches it
+    log(f"train_shards: {len(check_shards(h.train_files, 'training'))}")
     model, fns = build_model(h, device), compiled_block_fns(h)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_ms = 0.0
