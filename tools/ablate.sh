@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fixed-step ablations (issue 15): the web-text corpus with its first 200 docs as val, STEPS (default 400) steps of
+# 393,216 tokens on one GPU (8 micro-steps of 49,152), MAX_WALLCLOCK_SECONDS=0, no in-loop val, no TTT; then EMA,
+# GPTQ and the quantized diagnostic. One GPU is a proxy for the 8xH100 run: compare variants, not absolute BPB.
+#   bash tools/ablate.sh CORPUS.jsonl[.xz] TOKENIZER.model OUT_DIR SEED VARIANT [VARIANT ...]
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CORPUS=$1 TOKENIZER=$2 OUT=$3 SEED=$4; shift 4
+WORK=${WORK:-/tmp/pg_ablate}
+declare -A VARIANTS=(
+  [default]=""
+  [smear]="SMEAR_GATE_ENABLED=1"
+  [sparse_gate]="SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5"
+  [polar]="MUON_POLAR_EXPRESS=1"
+  [min_lr]="MIN_LR=0.1 WARMDOWN_FRAC=0.85"
+  [beta2]="BETA2=0.99"
+  [unfused_ce]="FUSED_CE_ENABLED=0"
+  [set1855]="SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 MUON_POLAR_EXPRESS=1 MIN_LR=0.1
+             WARMDOWN_FRAC=0.85 BETA2=0.99 MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14.0"
+)
+mkdir -p "$OUT" "$WORK"
+[ -d "$WORK/data" ] || python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --out "$WORK/data" --tokenizer "$TOKENIZER" \
+  --val-docs 200 --workers "$(nproc)" > "$OUT/ablate_prep.log" 2>&1 || { tail -5 "$OUT/ablate_prep.log"; exit 1; }
+for V in "$@"; do
+  [ -n "${VARIANTS[$V]+x}" ] || { echo "unknown variant $V (${!VARIANTS[*]})"; exit 2; }
+  NAME=ablate_${V}_s${SEED}
+  env DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5 \
+    VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 TTT_ENABLED=0 SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
+    python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
+  echo "$NAME: $(grep -E "post-ema|diagnostic quantized|total_bytes|peak memory" "$OUT/$NAME.log" | tr '\n' ' ')"
+done
