@@ -98,6 +98,80 @@ def bench_training(tg, steps, peak):
     return rows
 
 
+KERNEL_CATEGORIES = (  # first match wins; names are matched lower-cased
+    ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
+    ("matmul", ("gemm", "wgmma", "nvjet", "cutlass", "xmma", "matmul", "cublas")),
+    ("fused MLP/CE (ours)", ("_mlp_up", "_ce_fwd", "_ce_bwd")),
+    ("communication", ("nccl",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("elementwise/norm/reduction", ("triton_", "elementwise", "reduce", "vectorized", "unrolled", "cat", "index")),
+)
+
+
+def kernel_category(name):
+    n = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in n for k in keys)), "other")
+
+
+def profile_step(tg, steps, depths=(1, 4)):
+    """Per-op profile of one GPU's training step (98,304 tokens, compiled, fused CE on): GPU kernel time by category
+    for forward+backward and for the optimizer step (profiled apart, so the split is exact), and the idle share
+    (step wall time minus kernel time: launch gaps, host work such as the block mask, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    h = one_gpu_h(tg)
+    model, fns = tg.build_model(h, dev), tg.compiled_block_fns(h)
+    opt = tg.Optimizers(h, model)
+    T = h.micro_batch_tokens
+    toks = synthetic_docs(T, h.vocab_size).cuda()
+    lines = []
+    for depth in depths:
+        fwd = tg.Fwd(depth, fns)
+
+        def fwd_bwd():
+            cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()  # per step, as the loader does
+            with tg.autocast(dev):
+                model(toks[None, :-1], toks[None, 1:], fwd, cu).backward()
+
+        def opt_step():
+            for p, g in zip(model.parameters(), grads):  # the step clears .grad: hand it the saved ones
+                p.grad = g
+            opt.step(0, 0.0)
+
+        for _ in range(3):
+            fwd_bwd()
+            opt.step(0, 0.0)
+        fwd_bwd()
+        grads = [p.grad for p in model.parameters()]
+        torch.cuda.synchronize()
+        wall = cuda_time_ms(lambda: (fwd_bwd(), opt.step(0, 0.0)), iters=steps, warmup=1)
+        cats, top = {}, {}
+        for part, fn in (("fwd+bwd", lambda: (model.zero_grad(set_to_none=True), fwd_bwd())), ("optimizer", opt_step)):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                us = e.device_time_total
+                if us <= 0 or not str(e.device_type).endswith("CUDA"):  # kernels only: CPU ops would count them twice
+                    continue
+                cat = "optimizer (all kernels)" if part == "optimizer" else kernel_category(e.key)
+                cats[cat] = cats.get(cat, 0.0) + us / 1000 / steps
+                top[(part, e.key[:90])] = top.get((part, e.key[:90]), 0.0) + us / 1000 / steps
+        busy = sum(cats.values())
+        cats["idle (launch gaps, host work, syncs)"] = max(0.0, wall - busy)
+        lines += ["", f"Per-op profile, depth {depth}: one GPU's compiled training step ({T:,} tokens, 1 micro-batch), "
+                  f"{wall:.1f} ms wall ({T / wall * 1000:,.0f} tok/s)", "",
+                  "| category | ms per step | share |", "|---|---|---|"]
+        lines += [f"| {c} | {ms:.2f} | {100 * ms / wall:.1f}% |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
+        lines += ["", "| top kernels (part, name) | ms per step |", "|---|---|"]
+        lines += [f"| {p}: `{k}` | {ms:.2f} |" for (p, k), ms in sorted(top.items(), key=lambda kv: -kv[1])[:15]]
+        print("\n".join(lines), flush=True)
+    return lines
+
+
 def bench_attention():
     import train_gpt as tg
     T, H, KV, D = 98304, 8, 4, 64
@@ -380,7 +454,7 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels")
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels, profile")
     ap.add_argument("--kernel-combos", default="00,10,01,11", help="kernels: FUSED_MLP/FUSED_CE_ENABLED pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
@@ -411,6 +485,8 @@ def main():
         lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
     emit(lines, args.out)
+    if "profile" in sections:
+        emit(profile_step(tg, args.steps), args.out)
     if "kernels" in sections:
         for part in (lambda: bench_kernel_ops(tg), lambda: bench_kernel_training(tg, args.steps, args.kernel_combos.split(",")),
                      lambda: bench_kernel_ttt(tg)):
