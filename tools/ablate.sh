@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fixed-step ablations (issue 15): the web-text corpus with its first 200 docs as val, STEPS (default 400) steps of
-# 393,216 tokens on one GPU (8 micro-steps of 49,152), MAX_WALLCLOCK_SECONDS=0, no in-loop val, no TTT; then EMA,
-# GPTQ and the quantized diagnostic. One GPU is a proxy for the 8xH100 run: compare variants, not absolute BPB.
+# 393,216 tokens on one GPU (8 micro-steps of 49,152), MAX_WALLCLOCK_SECONDS=0, live val at the last step only, no TTT;
+# then EMA, GPTQ and the quantized diagnostic. One GPU is a proxy for the 8xH100 run: compare variants, not BPB levels.
 #   bash tools/ablate.sh CORPUS.jsonl[.xz] TOKENIZER.model OUT_DIR SEED VARIANT [VARIANT ...]
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +25,7 @@ for V in "$@"; do
   [ -n "${VARIANTS[$V]+x}" ] || { echo "unknown variant $V (${!VARIANTS[*]})"; exit 2; }
   NAME=ablate_${V}_s${SEED}
   env DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5 \
-    VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 TTT_ENABLED=0 SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
+    VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
     python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
-  echo "$NAME: $(grep -E "post-ema|diagnostic quantized|total_bytes|peak memory" "$OUT/$NAME.log" | tr '\n' ' ')"
+  echo "$NAME: $(grep -E "^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory" "$OUT/$NAME.log" | tr '\n' ' ')"
 done
