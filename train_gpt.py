@@ -1135,12 +1135,15 @@ class GPT(nn.Module):
         )
         self._rope = {}  # (length, device) -> cos/sin tables
 
-    def weights(self, i):
-        L, b = self.h.num_layers, self.blocks[i]
-        return BlockWeights(self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.qo_bank[L + i],
-                            self.mlp_up_bank[i], self.mlp_down_bank[i], b.attn_scale, b.mlp_scale, b.resid_mix,
-                            b.q_gain, b.attn_gate_w, self.ln_scales[i], i >= L - self.h.xsa_last_n, self.h.fused_mlp,
-                            self.h.sparse_attn_gate_scale if self.h.sparse_attn_gate_enabled else 1.0)
+    def layer_weights(self):
+        """Every layer's BlockWeights, the matrices as unbind views: bank[i] per use would make each use's backward
+        write a bank-sized zero tensor and add it into the bank's gradient; unbind's backward stacks once."""
+        h, L = self.h, self.h.num_layers
+        qo, kv, up, down = (b.unbind(0) for b in (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank))
+        gate_scale = h.sparse_attn_gate_scale if h.sparse_attn_gate_enabled else 1.0
+        return [BlockWeights(qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], b.attn_scale, b.mlp_scale,
+                             b.resid_mix, b.q_gain, b.attn_gate_w, self.ln_scales[i], i >= L - h.xsa_last_n,
+                             h.fused_mlp, gate_scale) for i, b in enumerate(self.blocks)]
 
     def rope(self, T, device):
         key = (T, str(device))
@@ -1170,9 +1173,9 @@ class GPT(nn.Module):
         lora = lambda slot: fwd.loras and fwd.loras[slot]
         cap = lambda i: fwd.cap and _named(fwd.cap, i)
         enc, dec = layer_plan(h, fwd.depth)
-        skips, lane1 = [], None
+        ws, skips, lane1 = self.layer_weights(), [], None
         for slot, i in enumerate(enc):
-            x = fns.seq(x, x0, self.weights(i), attn, lora(slot), cap(i))
+            x = fns.seq(x, x0, ws[i], attn, lora(slot), cap(i))
             skips.append(x)
         for j, i in enumerate(dec):
             if i >= h.parallel_start_layer and lane1 is None:  # lane 1 starts before the skip: skips feed lane 0 only
@@ -1181,10 +1184,10 @@ class GPT(nn.Module):
                 g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
                 x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
             if i >= h.parallel_start_layer:
-                x, lane1 = fns.par(x, lane1, x0, self.weights(i), self.parallel_resid_lambdas[i],
+                x, lane1 = fns.par(x, lane1, x0, ws[i], self.parallel_resid_lambdas[i],
                                    self.parallel_post_lambdas[i], attn, lora(len(enc) + j), cap(i))
             else:
-                x = fns.seq(x, x0, self.weights(i), attn, lora(len(enc) + j), cap(i))
+                x = fns.seq(x, x0, ws[i], attn, lora(len(enc) + j), cap(i))
         if lane1 is not None:
             x = {"mean": 0.5 * (x + lane1), "attn": x, "mlp": lane1}[h.parallel_final_lane]
         return x[:, :T]
@@ -1214,8 +1217,7 @@ class GPT(nn.Module):
             if k.endswith("_bank"):
                 continue
             out[k] = v.detach()
-        for i in range(L):
-            w = self.weights(i)
+        for i, w in enumerate(self.layer_weights()):
             for name, t in (("attn.c_q", w.wq), ("attn.c_k", w.wk), ("attn.c_v", w.wv), ("attn.proj", w.wo),
                             ("mlp.fc", w.up), ("mlp.proj", w.down)):
                 out[f"blocks.{i}.{name}.weight"] = t.detach()

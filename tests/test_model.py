@@ -123,7 +123,7 @@ def records_hidden(model, ids):
     enc, dec = tg.layer_plan(h, h.eval_loop_depth)
     x, skips = x0, []
     for i in enc:
-        x = tg.sequential_block(x, x0, model.weights(i), attn)
+        x = tg.sequential_block(x, x0, model.layer_weights()[i], attn)
         skips.append(x)
     lanes = None
     for j, i in enumerate(dec):
@@ -136,9 +136,9 @@ def records_hidden(model, ids):
             else:
                 lanes[0] = g * lanes[0] + (1 - g) * s
         if lanes is None:
-            x = tg.sequential_block(x, x0, model.weights(i), attn)
+            x = tg.sequential_block(x, x0, model.layer_weights()[i], attn)
         else:
-            lanes = list(tg.parallel_block(*lanes, x0, model.weights(i), model.parallel_resid_lambdas[i],
+            lanes = list(tg.parallel_block(*lanes, x0, model.layer_weights()[i], model.parallel_resid_lambdas[i],
                                            model.parallel_post_lambdas[i], attn))
     return 0.5 * (lanes[0] + lanes[1])
 
@@ -154,6 +154,46 @@ def test_parallel_lanes_follow_the_records_rule(depth):
     ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(model.hidden(ids, tg.Fwd(depth)), records_hidden(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def bank_backward_nodes(t, banks):
+    """Names of the autograd nodes that feed a bank's gradient accumulator directly."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        for f, _ in n.next_functions:
+            if any(getattr(f, "variable", None) is b for b in banks):
+                names.append(type(n).__name__)
+            todo.append(f)
+    return names
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_bank_gradients_flow_through_one_unbind_per_bank(depth):
+    """Each bank reaches the blocks through a single unbind (one stack in backward), not a select per use (each
+    select's backward writes a bank-sized zero tensor that is then added into the bank's gradient); the gradients
+    equal those of per-use bank[i] indexing."""
+    model = tiny_model(depth)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    loss = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth))
+    banks = [p for n, p in model.named_parameters() if n.endswith("_bank")]
+    assert bank_backward_nodes(loss, banks) == ["UnbindBackward0"] * 4
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("_bank")}
+    model.zero_grad()
+    L = model.h.num_layers
+    per_use = lambda self: [w._replace(wq=self.qo_bank[i], wk=self.kv_bank[i], wv=self.kv_bank[L + i],
+                                       wo=self.qo_bank[L + i], up=self.mlp_up_bank[i], down=self.mlp_down_bank[i])
+                            for i, w in enumerate(tg.GPT.layer_weights(self))]
+    model.layer_weights = per_use.__get__(model)
+    model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth)).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert p.grad.abs().sum() > 0
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- attention backends
@@ -421,7 +461,7 @@ def test_sparse_attention_gate_scales_each_head_by_its_narrow_gate():
     output projection (taken as the identity here, to read y). Dims >= GATE_WINDOW never reach the gate; zero W
     halves the output exactly."""
     model = tiny_model(depth=1, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5)
-    w = model.weights(3)._replace(wo=torch.eye(64))
+    w = model.layer_weights()[3]._replace(wo=torch.eye(64))
     assert tuple(w.gate_w.shape) == (4, 12) and w.gate_scale == 0.5 and w.gate_w.abs().min() > 0
     a = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(2))
     attn = tg.AttnArgs(model.rope(24, a.device), None, 64, "sdpa")
