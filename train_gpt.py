@@ -190,6 +190,9 @@ class Hyperparameters:
     ttt_k_lora: bool = True  # LoRA on K
     ttt_mlp_lora: bool = True  # LoRA beside the MLP
     ttt_o_lora: bool = True  # LoRA beside the attention output
+    ttt_lora_alpha: float = 0.0  # adapter outputs x ALPHA/RANK (PR #1767; #1855: 144, 1.8 at rank 80); 0: unscaled
+    # PR #1855's warm start: a batch of the previous one's size (same phase) reuses its A; B and AdamW state reset
+    ttt_warm_start_a: bool = False
     val_doc_fraction: float = 1.0  # score a random subset of the val docs (quick checks only)
     global_ttt_lr: float = 0.001  # global-SGD peak LR (cosine over the phase's chunks)
     global_ttt_momentum: float = 0.9  # global-SGD momentum
@@ -932,7 +935,8 @@ class BlockWeights(NamedTuple):
 
 
 class Lora(NamedTuple):
-    """Per-document adapters of one virtual layer: A [B,r,in], B [B,out,r]; None = no adapter there."""
+    """Per-document adapters of one virtual layer: (A [B,r,in], B [B,out,r]) or, with TTT_LORA_ALPHA, (A, B, output
+    scale); None = no adapter there."""
     q: tuple | None
     k: tuple | None
     v: tuple | None
@@ -941,7 +945,8 @@ class Lora(NamedTuple):
 
 
 def lora_delta(x, ab):
-    return torch.bmm(torch.bmm(x, ab[0].transpose(1, 2)), ab[1].transpose(1, 2))
+    d = torch.bmm(torch.bmm(x, ab[0].transpose(1, 2)), ab[1].transpose(1, 2))
+    return d * ab[2] if len(ab) > 2 else d
 
 
 def linear(x, w, ab=None, cap=None, name=None):
@@ -1868,7 +1873,7 @@ def mark_rows(dims, *tensors):
 def mark_block_inputs(attn, lora, *acts):
     """A block's activations [rows, width, d], RoPE tables [1, width, 1, k] and LoRA factors [rows, ...]."""
     mark_rows((0, 1), *acts), mark_rows((1,), *attn.rope[:2])
-    mark_rows((0,), *(t for ab in lora or () if ab is not None for t in ab))
+    mark_rows((0,), *(t for ab in lora or () if ab is not None for t in ab[:2]))
 
 
 def ttt_block_fns(h):
@@ -1889,37 +1894,48 @@ def ttt_block_fns(h):
         return par(lane0, lane1, x0, w, r, P, attn, lora, cap)
 
     def head_fn(hid, emb, targets, head_lora, softcap, fused):
-        mark_rows((0,), hid, targets, *(head_lora or ()))
+        mark_rows((0,), hid, targets, *(head_lora or ())[:2])
         return head(hid, emb, targets, head_lora, softcap, fused)
 
     return BlockFns(seq_fn, par_fn, head_fn)
 
 
-def new_adapters(h, model, bsz, device, gen):
-    """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head."""
+def new_adapters(h, model, bsz, device, gen, keep=None):
+    """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head. With `keep`
+    (TTT_WARM_START_A: one list per phase) a batch of the last set's size gets that set back with B, the AdamW moments
+    and step zeroed but A kept (trained on documents already scored), as PR #1855's per-batch reset."""
+    if keep and keep[0] == bsz:
+        loras, head, opt = keep[1]
+        state = [t for s in opt.state.values() for t in s.values()]
+        for t in [ab[1] for l in loras for ab in l if ab is not None] + [head[1], *state]:
+            t.detach().zero_()
+        return keep[1]
     d, kvd, V, r = h.model_dim, model.kv_bank.size(1), h.vocab_size, h.ttt_lora_rank
+    scale = (h.ttt_lora_alpha / r,) if h.ttt_lora_alpha else ()
 
     def ab(i, o):
         A = ((torch.rand(bsz, r, i, device=device, generator=gen) * 2 - 1) / math.sqrt(i)).requires_grad_()
-        return A, torch.zeros(bsz, o, r, device=device, requires_grad=True)
+        return A, torch.zeros(bsz, o, r, device=device, requires_grad=True), *scale
 
     slots = sum(len(p) for p in layer_plan(h, h.eval_loop_depth))
     loras = [Lora(ab(d, d), ab(d, kvd) if h.ttt_k_lora else None, ab(d, kvd), ab(d, d) if h.ttt_o_lora else None,
                   ab(d, d) if h.ttt_mlp_lora else None) for _ in range(slots)]
     head = ab(d, V)
-    params = [t for l in loras for ab_ in l if ab_ is not None for t in ab_] + list(head)
+    params = [t for l in loras for ab_ in l if ab_ is not None for t in ab_[:2]] + list(head[:2])
     opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay, fused=device.type == "cuda")
+    if keep is not None:
+        keep[:] = bsz, (loras, head, opt)
     return loras, head, opt
 
 
 def _rows(loras, head, rows):
     """The adapters of the documents still being scored (an indexed copy that back-propagates into the full set)."""
-    pick = lambda ab: ab and (ab[0][rows], ab[1][rows])
+    pick = lambda ab: ab and (ab[0][rows], ab[1][rows], *ab[2:])
     return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
 
 
-def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None):
+def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None, keep=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
     Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
     Row bookkeeping stays on the CPU (no device syncs); the scored columns are always among a row's last C."""
@@ -1927,7 +1943,7 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
     starts = torch.tensor([d.start for d in docs])
     pred = torch.tensor([d.length - 1 for d in docs])
     n_chunks = (pred + C - 1) // C
-    loras, head, opt = new_adapters(h, model, len(docs), device, gen)
+    loras, head, opt = new_adapters(h, model, len(docs), device, gen, keep)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         rows = torch.nonzero(n_chunks > c).flatten()
@@ -2076,11 +2092,12 @@ def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
         p.requires_grad_(False)
     val_dev, bytes_dev = val.tokens.to(device), val.bytes.to(device)
     claimer, sums, t0 = WorkClaimer(h), torch.zeros(4, dtype=torch.float64, device=device), time.perf_counter()
+    keep = [] if h.ttt_warm_start_a else None  # the adapters the next batch of their size reuses (new after each SGD)
     segments = list(zip([0] + ends, ends + [len(batches)]))
     for phase, (lo, hi) in enumerate(segments):
         while (q := lo + claimer.claim(f"seg{phase}")) < hi:
             gen = torch.Generator(device=device).manual_seed(h.seed * 1000003 + q)
-            bs = ttt_batch(h, model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], device, gen, per_doc)
+            bs = ttt_batch(h, model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], device, gen, per_doc, keep)
             sums += bs
             if h.is_main_process:
                 bl, bb = bpb_from_sums(bs)[:2]
@@ -2096,6 +2113,8 @@ def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
                 f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} "
                 f"t:{time.perf_counter() - t0:.1f}s"
             )
+            if keep:
+                keep.clear()
             global_sgd(h, model, val, prefix, device, log, phase)
             log(f"ttpr: phase:{phase + 1}/{len(bounds)} t:{time.perf_counter() - t0:.1f}s")
     sums = reduce_sums(h, sums)
