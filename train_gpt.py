@@ -43,6 +43,17 @@ RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARM
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
                        "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
                        "LQER_ENABLED").split()
+# RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper);
+# explicit env vars win. tests/test_recipes.py checks each against the record's command line on its code defaults.
+_B = dict(train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
+RECIPES = {"1736": _B, "1756": dict(wd_taper_final_mult=1.0),
+           "1855": dict(_B, gated_attn_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                        smear_gate_enabled=True, muon_polar_express=True, min_lr=0.1, warmdown_frac=0.85, beta2=0.99,
+                        mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, gptq_reserve_seconds=0.5, val_loss_every=0,
+                        ttt_beta2=0.99, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
+                        phased_ttt_prefix_docs=2500,
+                        # after-merge: lqer_enabled=True, compressor="pergroup",
+                        )}
 
 
 def parse_env(name, raw, default):
@@ -67,8 +78,9 @@ def parse_env(name, raw, default):
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every setting, read once from env vars by from_env() (name = the field name in capitals).
-    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729)."""
+    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729); RECIPE picks a record's."""
 
+    recipe: str = ""  # 1736, 1756 or 1855: that record's run settings become the defaults (RECIPES; from_env)
     # paths and run control
     data_dir: str = "./data/"  # root with datasets/ and tokenizers/ (prepare_caseops_data.py --out)
     data_path: str = ""  # dataset dir; default: our layout under DATA_DIR, then the records' hub layout
@@ -229,7 +241,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, **overrides):
         """Every field from its env var, parsed by the field's type (booleans strict, lists once; unset or empty:
-        the default, except that an empty list is a value); `overrides` (tools, tests) win over the env."""
+        the default, except that an empty list is a value), over RECIPE's values; `overrides` (tools, tests) win."""
         values, errors = {}, []
         for f in fields(cls):
             raw = os.environ.get(f.name.upper()) if f.init else None
@@ -241,7 +253,8 @@ class Hyperparameters:
                 errors.append(str(e))
         if errors:
             raise ConfigError("; ".join(errors))
-        return cls(**{**values, **overrides})
+        recipe = RECIPES.get({**values, **overrides}.get("recipe", ""), {})
+        return cls(**{**recipe, **values, **overrides})
 
     def public(self):
         return vars(self)  # the settings and the values derived from them
@@ -273,6 +286,8 @@ def check_config(h):
         raise ConfigError("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
                           "score-before-update (challenge Issue #1017, condition 3), "
                           "so PR #1911's pre-quant TTT is not a legal score")
+    if h.recipe not in ("", *RECIPES):
+        raise ConfigError(f"RECIPE={h.recipe!r} is not a record here: one of {', '.join(RECIPES)}, or unset")
     unit = h.world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % unit:  # the loader would drop the remainder of every step
         lo = h.train_batch_tokens // unit * unit
