@@ -1917,8 +1917,8 @@ def ttt_block_fns(h):
 
 def new_adapters(h, model, bsz, device, gen, keep=None):
     """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head. With `keep`
-    (TTT_WARM_START_A: one list per phase) a batch of the last set's size gets that set back with B, the AdamW moments
-    and step zeroed but A kept (trained on documents already scored), as PR #1855's per-batch reset."""
+    (TTT_WARM_START_A: [size, set], emptied after each phase) a batch of the last set's size gets that set back with
+    B, the AdamW moments and step zeroed but A kept (trained on documents already scored): PR #1855's batch reset."""
     if keep and keep[0] == bsz:
         loras, head, opt = keep[1]
         state = [t for s in opt.state.values() for t in s.values()]
