@@ -43,6 +43,17 @@ RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARM
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
                        "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
                        "LQER_ENABLED").split()
+# RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper);
+# explicit env vars win. tests/test_recipes.py checks each against the record's command line on its code defaults.
+_B = dict(train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
+RECIPES = {"1736": _B, "1756": dict(wd_taper_final_mult=1.0),
+           "1855": dict(_B, gated_attn_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                        smear_gate_enabled=True, muon_polar_express=True, min_lr=0.1, warmdown_frac=0.85, beta2=0.99,
+                        mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, gptq_reserve_seconds=0.5, val_loss_every=0,
+                        ttt_beta2=0.99, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
+                        phased_ttt_prefix_docs=2500,
+                        # after-merge: lqer_enabled=True, compressor="pergroup",
+                        )}
 
 
 def parse_env(name, raw, default):
@@ -67,8 +78,9 @@ def parse_env(name, raw, default):
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every setting, read once from env vars by from_env() (name = the field name in capitals).
-    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729)."""
+    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729); RECIPE picks a record's."""
 
+    recipe: str = ""  # 1736, 1756 or 1855: that record's run settings become the defaults (RECIPES; from_env)
     # paths and run control
     data_dir: str = "./data/"  # root with datasets/ and tokenizers/ (prepare_caseops_data.py --out)
     data_path: str = ""  # dataset dir; default: our layout under DATA_DIR, then the records' hub layout
@@ -190,6 +202,9 @@ class Hyperparameters:
     ttt_k_lora: bool = True  # LoRA on K
     ttt_mlp_lora: bool = True  # LoRA beside the MLP
     ttt_o_lora: bool = True  # LoRA beside the attention output
+    ttt_lora_alpha: float = 0.0  # adapter outputs x ALPHA/RANK (PR #1767; #1855: 144, 1.8 at rank 80); 0: unscaled
+    # PR #1855's warm start: a batch of the previous one's size (same phase) reuses its A; B and AdamW state reset
+    ttt_warm_start_a: bool = False
     val_doc_fraction: float = 1.0  # score a random subset of the val docs (quick checks only)
     global_ttt_lr: float = 0.001  # global-SGD peak LR (cosine over the phase's chunks)
     global_ttt_momentum: float = 0.9  # global-SGD momentum
@@ -226,7 +241,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, **overrides):
         """Every field from its env var, parsed by the field's type (booleans strict, lists once; unset or empty:
-        the default, except that an empty list is a value); `overrides` (tools, tests) win over the env."""
+        the default, except that an empty list is a value), over RECIPE's values; `overrides` (tools, tests) win."""
         values, errors = {}, []
         for f in fields(cls):
             raw = os.environ.get(f.name.upper()) if f.init else None
@@ -238,7 +253,8 @@ class Hyperparameters:
                 errors.append(str(e))
         if errors:
             raise ConfigError("; ".join(errors))
-        return cls(**{**values, **overrides})
+        recipe = RECIPES.get({**values, **overrides}.get("recipe", ""), {})
+        return cls(**{**recipe, **values, **overrides})
 
     def public(self):
         return vars(self)  # the settings and the values derived from them
@@ -270,6 +286,8 @@ def check_config(h):
         raise ConfigError("PREQUANT_TTT_ENABLED=1 refused: training on validation tokens before they are scored breaks "
                           "score-before-update (challenge Issue #1017, condition 3), "
                           "so PR #1911's pre-quant TTT is not a legal score")
+    if h.recipe not in ("", *RECIPES):
+        raise ConfigError(f"RECIPE={h.recipe!r} is not a record here: one of {', '.join(RECIPES)}, or unset")
     unit = h.world_size * h.grad_accum_steps * h.train_seq_len
     if h.train_batch_tokens % unit:  # the loader would drop the remainder of every step
         lo = h.train_batch_tokens // unit * unit
@@ -932,7 +950,8 @@ class BlockWeights(NamedTuple):
 
 
 class Lora(NamedTuple):
-    """Per-document adapters of one virtual layer: A [B,r,in], B [B,out,r]; None = no adapter there."""
+    """Per-document adapters of one virtual layer: (A [B,r,in], B [B,out,r]) or, with TTT_LORA_ALPHA, (A, B, output
+    scale); None = no adapter there."""
     q: tuple | None
     k: tuple | None
     v: tuple | None
@@ -941,7 +960,8 @@ class Lora(NamedTuple):
 
 
 def lora_delta(x, ab):
-    return torch.bmm(torch.bmm(x, ab[0].transpose(1, 2)), ab[1].transpose(1, 2))
+    d = torch.bmm(torch.bmm(x, ab[0].transpose(1, 2)), ab[1].transpose(1, 2))
+    return d * ab[2] if len(ab) > 2 else d
 
 
 def linear(x, w, ab=None, cap=None, name=None):
@@ -1870,7 +1890,7 @@ def mark_rows(dims, *tensors):
 def mark_block_inputs(attn, lora, *acts):
     """A block's activations [rows, width, d], RoPE tables [1, width, 1, k] and LoRA factors [rows, ...]."""
     mark_rows((0, 1), *acts), mark_rows((1,), *attn.rope[:2])
-    mark_rows((0,), *(t for ab in lora or () if ab is not None for t in ab))
+    mark_rows((0,), *(t for ab in lora or () if ab is not None for t in ab[:2]))
 
 
 def ttt_block_fns(h):
@@ -1891,37 +1911,48 @@ def ttt_block_fns(h):
         return par(lane0, lane1, x0, w, r, P, attn, lora, cap)
 
     def head_fn(hid, emb, targets, head_lora, softcap, fused):
-        mark_rows((0,), hid, targets, *(head_lora or ()))
+        mark_rows((0,), hid, targets, *(head_lora or ())[:2])
         return head(hid, emb, targets, head_lora, softcap, fused)
 
     return BlockFns(seq_fn, par_fn, head_fn)
 
 
-def new_adapters(h, model, bsz, device, gen):
-    """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head."""
+def new_adapters(h, model, bsz, device, gen, keep=None):
+    """Fresh per-document LoRA: A ~ U(+-1/sqrt(in)), B = 0, one slot per virtual layer plus the LM head. With `keep`
+    (TTT_WARM_START_A: [size, set], emptied after each phase) a batch of the last set's size gets that set back with
+    B, the AdamW moments and step zeroed but A kept (trained on documents already scored): PR #1855's batch reset."""
+    if keep and keep[0] == bsz:
+        loras, head, opt = keep[1]
+        state = [t for s in opt.state.values() for t in s.values()]
+        for t in [ab[1] for l in loras for ab in l if ab is not None] + [head[1], *state]:
+            t.detach().zero_()
+        return keep[1]
     d, kvd, V, r = h.model_dim, model.kv_bank.size(1), h.vocab_size, h.ttt_lora_rank
+    scale = (h.ttt_lora_alpha / r,) if h.ttt_lora_alpha else ()
 
     def ab(i, o):
         A = ((torch.rand(bsz, r, i, device=device, generator=gen) * 2 - 1) / math.sqrt(i)).requires_grad_()
-        return A, torch.zeros(bsz, o, r, device=device, requires_grad=True)
+        return A, torch.zeros(bsz, o, r, device=device, requires_grad=True), *scale
 
     slots = sum(len(p) for p in layer_plan(h, h.eval_loop_depth))
     loras = [Lora(ab(d, d), ab(d, kvd) if h.ttt_k_lora else None, ab(d, kvd), ab(d, d) if h.ttt_o_lora else None,
                   ab(d, d) if h.ttt_mlp_lora else None) for _ in range(slots)]
     head = ab(d, V)
-    params = [t for l in loras for ab_ in l if ab_ is not None for t in ab_] + list(head)
+    params = [t for l in loras for ab_ in l if ab_ is not None for t in ab_[:2]] + list(head[:2])
     opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay, fused=device.type == "cuda")
+    if keep is not None:
+        keep[:] = bsz, (loras, head, opt)
     return loras, head, opt
 
 
 def _rows(loras, head, rows):
     """The adapters of the documents still being scored (an indexed copy that back-propagates into the full set)."""
-    pick = lambda ab: ab and (ab[0][rows], ab[1][rows])
+    pick = lambda ab: ab and (ab[0][rows], ab[1][rows], *ab[2:])
     return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
 
 
-def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None):
+def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None, keep=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
     Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
     Row bookkeeping stays on the CPU (no device syncs); the scored columns are always among a row's last C."""
@@ -1929,7 +1960,7 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
     starts = torch.tensor([d.start for d in docs])
     pred = torch.tensor([d.length - 1 for d in docs])
     n_chunks = (pred + C - 1) // C
-    loras, head, opt = new_adapters(h, model, len(docs), device, gen)
+    loras, head, opt = new_adapters(h, model, len(docs), device, gen, keep)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         rows = torch.nonzero(n_chunks > c).flatten()
@@ -2078,11 +2109,12 @@ def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
         p.requires_grad_(False)
     val_dev, bytes_dev = val.tokens.to(device), val.bytes.to(device)
     claimer, sums, t0 = WorkClaimer(h), torch.zeros(4, dtype=torch.float64, device=device), time.perf_counter()
+    keep = [] if h.ttt_warm_start_a else None  # the adapters the next batch of their size reuses (new after each SGD)
     segments = list(zip([0] + ends, ends + [len(batches)]))
     for phase, (lo, hi) in enumerate(segments):
         while (q := lo + claimer.claim(f"seg{phase}")) < hi:
             gen = torch.Generator(device=device).manual_seed(h.seed * 1000003 + q)
-            bs = ttt_batch(h, model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], device, gen, per_doc)
+            bs = ttt_batch(h, model, fns, val_dev, bytes_dev, [docs[i] for i in batches[q]], device, gen, per_doc, keep)
             sums += bs
             if h.is_main_process:
                 bl, bb = bpb_from_sums(bs)[:2]
@@ -2098,6 +2130,8 @@ def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
                 f"ttpp: phase:{phase + 1}/{len(bounds)} pd:{sum(len(b) for b in batches[:hi])} gd:{len(prefix)} "
                 f"t:{time.perf_counter() - t0:.1f}s"
             )
+            if keep:
+                keep.clear()
             global_sgd(h, model, val, prefix, device, log, phase)
             log(f"ttpr: phase:{phase + 1}/{len(bounds)} t:{time.perf_counter() - t0:.1f}s")
     sums = reduce_sums(h, sums)

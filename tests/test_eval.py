@@ -390,16 +390,28 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
 # ----------------------------------------------------------------------------- 1. score before update
 
 
+# PR #1855's TTT options on (scale 6 / 4 = 1.5): the legality tests below run with and without them
+TTT_OPTS = pytest.mark.parametrize("opts", [{}, dict(ttt_lora_alpha=6.0, ttt_warm_start_a=True)],
+                                   ids=["plain", "alpha_warm_a"])
+
+
 def run_batch(model, h, tokens, nbytes, docs, seed=5, fns=tg.EAGER):
-    per_doc = defaultdict(list)
-    sums = tg.ttt_batch(h, model, fns, tokens, nbytes, docs, CPU, torch.Generator().manual_seed(seed), per_doc)
+    """One TTT batch; with TTT_WARM_START_A its adapters come from an earlier batch of its size (on a fixed other
+    stream), so the reset path, with A already trained, is what scores it."""
+    per_doc, keep = defaultdict(list), [] if h.ttt_warm_start_a else None
+    if keep is not None:
+        prime = make_val([40, 25, 60, 12, 33, 70, 9, 50][: len(docs)], seed=9)
+        tg.ttt_batch(h, model, fns, prime.tokens, prime.bytes, tg.find_docs(prime.tokens), CPU,
+                     torch.Generator().manual_seed(seed + 1), None, keep)
+    sums = tg.ttt_batch(h, model, fns, tokens, nbytes, docs, CPU, torch.Generator().manual_seed(seed), per_doc, keep)
     return sums, per_doc
 
 
-def test_score_before_update_truncation():
+@TTT_OPTS
+def test_score_before_update_truncation(opts):
     """The loss of chunk c is the same whether or not the document's later tokens exist: truncate the document
     after chunk c (and scramble what followed) and chunks 0..c score bit-identically; other documents too."""
-    h = tiny_h()
+    h = tiny_h(**opts)
     m = tiny_model(h)
     val = make_val([150, 45, 20, 9])
     docs = tg.find_docs(val.tokens)[:4]
@@ -426,10 +438,11 @@ def test_score_before_update_truncation():
     assert changed_later  # the scrambled future does matter once it is scored
 
 
-def test_score_before_update_within_chunk():
+@TTT_OPTS
+def test_score_before_update_within_chunk(opts):
     """Changing the token at position p changes no score of a target before p, even inside p's own chunk: the
     adapters that score chunk c were trained on chunks < c only (training on chunk c first would fail this)."""
-    h = tiny_h()
+    h = tiny_h(**opts)
     m = tiny_model(h)
     val = make_val([100, 37, 20, 9])
     docs = tg.find_docs(val.tokens)[:4]
@@ -446,7 +459,7 @@ def test_score_before_update_within_chunk():
         assert new_t[j] != base_t[j]  # the changed target itself is scored differently
         assert not torch.equal(new_t[j + 1 :], base_t[j + 1 :])  # later targets do see it
     # with the update path off, later chunks would not change: the adaptation is what is being tested
-    h0 = tiny_h(ttt_lora_lr=0.0)
+    h0 = tiny_h(ttt_lora_lr=0.0, **opts)
     _, b0 = run_batch(m, h0, val.tokens, val.bytes, docs)
     assert not torch.allclose(torch.cat(b0[d.start]), base_t)
 
@@ -523,8 +536,9 @@ def changed(a, b, starts):
     return any(not torch.equal(a[s], b[s]) for s in starts)
 
 
-def test_causality_across_documents_and_phases():
-    h = tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, ttt_batch_size=4)
+@TTT_OPTS
+def test_causality_across_documents_and_phases(opts):
+    h = tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, ttt_batch_size=4, **opts)
     m = tiny_model(h)
     val = make_val(CAUSAL_PREDS)
     docs, batches, bounds, ends = processing_order(val, h)
@@ -556,9 +570,137 @@ def test_causality_across_documents_and_phases():
     assert identical(s, base, [x for b in starts for x in b if x != late.start])
 
     # d) global SGD really changes later scores (and only later ones)
-    _, s, _ = ttt_scores(m, val, tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, global_ttt_lr=0.0))
+    _, s, _ = ttt_scores(m, val, tiny_h(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, global_ttt_lr=0.0, **opts))
     assert identical(s, base, [x for b in starts[: ends[0]] for x in b])
     assert changed(s, base, [x for b in starts[ends[0] :] for x in b])
+
+
+def adapter_factors(loras, head):
+    """Every (A, B[, scale]) of a set of adapters: the virtual layers' then the LM head's."""
+    return [ab for l in loras for ab in l if ab is not None] + [head]
+
+
+def test_warm_start_reset_keeps_a_zeroes_b_and_adam_state():
+    """TTT_WARM_START_A (PR #1855): a batch of the last set's size gets that very set back with A as trained, B = 0
+    and every AdamW moment and step 0, so its first update is a fresh optimizer's on the kept A."""
+    h = tiny_h(ttt_warm_start_a=True)
+    m = tiny_model(h)
+    val, keep = make_val([40, 25, 60]), []
+    docs = tg.find_docs(val.tokens)
+    tg.ttt_batch(h, m, tg.EAGER, val.tokens, val.bytes, docs, CPU, torch.Generator().manual_seed(0), None, keep)
+    loras, head, opt = keep[1]
+    trained = [(ab[0].detach().clone(), ab[1].detach().clone()) for ab in adapter_factors(loras, head)]
+    state = [t for st in opt.state.values() for t in st.values()]
+    assert all(b.abs().sum() > 0 for _, b in trained) and all(t.abs().sum() > 0 for t in state)  # trained-looking
+    fresh_a = tg.new_adapters(h, m, 3, CPU, torch.Generator().manual_seed(1))[0][0].q[0]
+    got = tg.new_adapters(h, m, 3, CPU, torch.Generator().manual_seed(1), keep)
+    assert got[0] is loras and got[1] is head and got[2] is opt and keep[0] == 3
+    assert not torch.equal(got[0][0].q[0], fresh_a)  # not re-drawn
+    for ab, (a, _) in zip(adapter_factors(loras, head), trained):
+        assert torch.equal(ab[0], a) and not ab[1].any() and ab[0].requires_grad and ab[1].requires_grad
+    assert len(opt.state) == len(state) // 3 and not any(t.any() for t in state)  # moments and step 0
+    # the next step equals a brand-new AdamW's on the same values and gradients
+    params = [p for g in opt.param_groups for p in g["params"]]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(twins, **{k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")})
+    gen = torch.Generator().manual_seed(2)
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    opt.step(), ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    # another size, or a cleared keep (after a global-SGD phase), builds a new set with a new A
+    for bsz, clear in ((2, False), (3, True)):
+        if clear:
+            keep.clear()
+        new = tg.new_adapters(h, m, bsz, CPU, torch.Generator().manual_seed(1), keep)
+        assert new[0] is not loras and keep[0] == bsz and keep[1][0] is new[0]
+        assert not any(ab[1].any() for ab in adapter_factors(*new[:2])) and len(new[2].state) == 0
+    assert torch.equal(new[0][0].q[0], fresh_a)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_adapter_sets_built_per_batch_size_and_phase(monkeypatch, warm):
+    """Which batches get a new adapter set (and so a new A) in eval_ttt_phased: without warm start every batch, each
+    drawn from its queue index's generator; with it, the first batch, each batch after a global-SGD phase and each
+    batch of another size than the last; the others reuse the set, A as trained."""
+    builds, real = [], tg.new_adapters
+
+    def spy(h, model, bsz, device, gen, keep=None):
+        new = not (keep and keep[0] == bsz)
+        out = real(h, model, bsz, device, gen, keep)
+        builds.append((new, out[0][0].q[0], out[0][0].q[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(tg, "new_adapters", spy)
+    val = make_val(CAUSAL_PREDS)  # 14 documents
+    for over, new_at in ((dict(phased_ttt_prefix_docs=0, ttt_batch_size=4), [0, 1]),  # batches of 2, 4, 4, 4
+                         (dict(phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, ttt_batch_size=2), [0, 2, 4])):
+        h = tiny_h(ttt_warm_start_a=warm, **over)
+        m = tiny_model(h)
+        n = len(tg.ttt_schedule(h, tg.find_docs(val.tokens))[0])
+        builds.clear()
+        ttt_scores(m, val, h)
+        assert len(builds) == n
+        assert [q for q, b in enumerate(builds) if b[0]] == (new_at if warm else list(range(n)))
+        for q, (new, a, a0) in enumerate(builds):
+            if new:  # drawn from this batch's generator
+                drawn = real(h, m, a.size(0), CPU, torch.Generator().manual_seed(h.seed * 1000003 + q))[0][0].q[0]
+                assert torch.equal(a0, drawn)
+            else:  # the previous batch's A object, as that batch left it (trained, so no longer its draw)
+                assert a is builds[q - 1][1] and not torch.equal(a0, builds[q - 1][2])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_warm_start_a_carries_only_scored_documents(warm):
+    """With TTT_WARM_START_A a document reaches the documents in its row of the later batches of its phase through
+    A (trained on it after it was scored): legal, and the only new dependence; nothing processed before it and no
+    other row moves. (A document's first chunk is scored with B = 0, so only multi-chunk documents can show it.)"""
+    h = tiny_h(phased_ttt_prefix_docs=0, ttt_batch_size=4, ttt_warm_start_a=warm)
+    m = tiny_model(h)
+    val = make_val(CAUSAL_PREDS)
+    docs, batches, _, _ = processing_order(val, h)
+    assert [len(b) for b in batches] == [2, 4, 4, 4]  # batches 1-3 share one adapter set under warm start
+    _, base, _ = ttt_scores(m, val, h)
+    d = docs[batches[1][-1]]  # the last row of the first batch of the shared set
+    heirs = [docs[b[-1]].start for b in batches[2:]]  # its row in the later batches: 30 and 12 targets
+    assert all(docs[b[-1]].length - 1 > h.ttt_chunk_size for b in batches[2:])
+    _, s, _ = ttt_scores(m, scramble(val, d, 4), h)
+    assert not torch.equal(s[d.start], base[d.start])
+    assert identical(s, base, [docs[i].start for b in batches for i in b if docs[i] != d and docs[i].start not in heirs])
+    assert all(changed(s, base, [x]) == warm for x in heirs)
+
+
+def test_lora_alpha_scales_every_adapter_output():
+    """TTT_LORA_ALPHA (PR #1767): every adapter returns (x A^T) B^T * alpha / rank, 1.8x at #1855's rank 80 and alpha
+    144; in the whole TTT forward (Q, K, V, O, MLP and LM-head adapters) that equals unscaled adapters with 1.8 B."""
+    h, h0 = tiny_h(ttt_lora_rank=80, ttt_lora_alpha=144.0), tiny_h(ttt_lora_rank=80)
+    m = tiny_model(h)
+    gen = torch.Generator().manual_seed(0)
+    loras, head, _ = tg.new_adapters(h, m, 2, CPU, gen)
+    factors = adapter_factors(loras, head)
+    with torch.no_grad():  # trained-looking adapters: B = 0 would make every output 0
+        for ab in factors:
+            ab[1].normal_(0, 0.05, generator=gen)
+    assert all(len(ab) == 3 and ab[2] == 1.8 for ab in factors)
+    assert all(len(ab) == 2 for ab in adapter_factors(*tg.new_adapters(h0, m, 2, CPU, gen)[:2]))  # default: unscaled
+    A, B, _ = loras[0].q
+    x = torch.randn(2, 24, A.size(2), generator=gen)
+    unscaled = torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+    assert torch.equal(tg.lora_delta(x, loras[0].q), 1.8 * unscaled) and unscaled.abs().max() > 1e-2
+    assert tg._rows(loras, head, torch.tensor([1]))[1][2] == 1.8  # the documents still scored keep the scale
+    ids = torch.randint(2, V, (2, 24), generator=gen)
+    ids[:, 0] = tg.BOS_ID
+    y = torch.randint(2, V, (2, 24), generator=gen)
+    with torch.no_grad():
+        got = m.token_losses(ids, y, tg.Fwd(h.eval_loop_depth, tg.EAGER, loras, head))
+        as_b = lambda ab: (ab[0], 1.8 * ab[1])
+        want = m.token_losses(ids, y, tg.Fwd(h.eval_loop_depth, tg.EAGER, [tg.Lora(*(ab and as_b(ab) for ab in l))
+                                                                          for l in loras], as_b(head)))
+        plain = m.token_losses(ids, y, tg.Fwd(h.eval_loop_depth, tg.EAGER, [tg.Lora(*(ab and ab[:2] for ab in l))
+                                                                           for l in loras], head[:2]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
 
 
 def test_global_sgd_data_is_the_shortest_scored_documents_in_batch_order():
