@@ -41,8 +41,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 # change nothing, so they are warned about.
 RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
-                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
-                       "LQER_ENABLED").split()
+                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST").split()
 
 
 def parse_env(name, raw, default):
@@ -165,6 +164,14 @@ class Hyperparameters:
     gptq_calibration_batches: int = 16  # calibration batches (of training data), shared by the ranks
     gptq_calibration_seqs: int = 48  # sequences per calibration batch
     compressor: str = "brotli"  # artifact compressor: brotli or lzma
+    # LQER (PR #1797): after GPTQ, the LQER_TOP_K tensors with the largest ||W - Q*s||_F also ship a quantised rank-r
+    # SVD of that error, added back at load
+    lqer_enabled: bool = False  # off until measured
+    lqer_rank: int = 4  # r: a few directions hold most of the GPTQ error's energy
+    lqer_top_k: int = 3  # the largest errors (tok_emb, mlp.fc in PR #1855): their factors cost ~10 KB each
+    lqer_factor_bits: int = 4  # per-row bits of both factors on the symmetric path
+    lqer_asym_enabled: bool = True  # A int2 with one scale, B int4 in groups: half A's bytes of the symmetric path
+    lqer_asym_group: int = 64  # B's group size; the symmetric path when it does not divide numel(B)
     # kernels (CUDA with Triton; elsewhere the plain expressions run)
     fused_ce_enabled: bool = True  # softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)
     # MLP up-projection + LeakyReLU(0.5)^2 in one Triton matmul: 2-4 GiB less activation memory, 1-3% slower steps
@@ -280,6 +287,9 @@ def check_config(h):
                             ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
         if value not in ok:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
+    if h.lqer_enabled and not (h.lqer_rank >= 1 and h.lqer_asym_group >= 1 and 2 <= h.lqer_factor_bits <= 8):
+        raise ConfigError(f"LQER_RANK={h.lqer_rank} and LQER_ASYM_GROUP={h.lqer_asym_group} must be >= 1, "
+                          f"LQER_FACTOR_BITS={h.lqer_factor_bits} in 2..8")
     check_windows(h, h.sliding_window_enabled, h.ttt_enabled)
 
 
@@ -1503,6 +1513,29 @@ def quant_summary_lines(meta):
     return [f"  {tag}: {', '.join(sorted(names))}" for tag, names in sorted(groups.items())]
 
 
+def lqer_factors(h, A, B):
+    """LQER's factors of the GPTQ error (A = U_r S_r, B = V_r^T), quantised. Asym: A int2 in [-2, 1] with one scale
+    max|A|/1.5, B int4 in [-8, 7] with a scale per LQER_ASYM_GROUP values of B flattened; else both per-row
+    int(LQER_FACTOR_BITS). Returns the payload entries (key suffix: tensor) and the tag suffix."""
+    if h.lqer_asym_enabled and B.numel() % h.lqer_asym_group == 0:
+        sa = fp16_row_scale(A.abs().max() / 1.5)  # +max rounds to 2, clamped to 1: the positive side saturates
+        sb = fp16_row_scale(B.reshape(-1, h.lqer_asym_group).abs().amax(1) / 7.5)
+        qa = (A / sa.float()).round().clamp(-2, 1).to(torch.int8)
+        qb = (B.reshape(sb.numel(), -1) / sb.float()[:, None]).round().clamp(-8, 7).to(torch.int8).view(B.shape)
+        return {"lqA_a": qa, "lqAs_a": sa, "lqB_a": qb, "lqBs_a": sb}, "+lqer_asym"
+    n = 2 ** (h.lqer_factor_bits - 1) - 1
+    sa, sb = (fp16_row_scale(x.abs().amax(1) / n) for x in (A, B))
+    return {"lqA": round_rows(A, sa, n), "lqAs": sa, "lqB": round_rows(B, sb, n), "lqBs": sb}, "+lqer"
+
+
+def lqer_delta(w, name, tag):
+    """The dequantised factor product A @ B (A: one scale or one per row; B: one per group or per row)."""
+    k = "_a" if "lqer_asym" in tag else ""
+    qa, sa, qb, sb = (w[f"{name}.{x}{k}"] for x in ("lqA", "lqAs", "lqB", "lqBs"))
+    b = (qb.float().reshape(sb.numel(), -1) * sb.float()[:, None]).view(qb.shape)
+    return (qa.float() * sa.float().reshape(-1, 1)) @ b
+
+
 def quantize_state_dict(h, sd, hessians):
     w, m = {}, {}
     for name, t in sd.items():
@@ -1520,6 +1553,13 @@ def quantize_state_dict(h, sd, hessians):
         else:
             raise ValueError(f"{name}: float tensor with {t.numel()} elements has no Hessian; "
                              "refusing to ship it unquantised (missing calibration hook?)")
+    if h.lqer_enabled:
+        err = lambda n: sd[n].detach().float().cpu() - w[n + ".q"].float() * w[n + ".scale"].float()[:, None]
+        for n in sorted((n for n in m if m[n].startswith("gptq")), key=lambda n: -err(n).norm().item())[: h.lqer_top_k]:
+            U, S, Vh = torch.linalg.svd(err(n), full_matrices=False)
+            factors, suffix = lqer_factors(h, U[:, : h.lqer_rank] * S[: h.lqer_rank], Vh[: h.lqer_rank])
+            w.update({f"{n}.{k}": v for k, v in factors.items()})
+            m[n] += suffix
     return {"w": w, "m": m}, quant_summary_lines(m)
 
 
@@ -1535,7 +1575,8 @@ def dequantize_state_dict(payload, template):
             q, s = (
                 (w[name + ".q"], w[name + ".scale"]) if tag.startswith("gptq") else (w[name + ".gq"], w[name + ".gs"])
             )
-            out[name] = (q.float() * s.float()[:, None]).to(t.dtype)
+            d = q.float() * s.float()[:, None]
+            out[name] = (d + lqer_delta(w, name, tag) if "lqer" in tag else d).to(t.dtype)
         elif tag == "passthrough (float16)":
             out[name] = w[name].to(t.dtype)
         else:

@@ -9,7 +9,7 @@ import torch
 import train_gpt as tg
 
 H_ARGS = SimpleNamespace(matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85, attn_clip_sigmas=13.0,
-                         mlp_clip_sigmas=12.0, embed_clip_sigmas=15.0, gated_attn_quant_gate=True)
+                         mlp_clip_sigmas=12.0, embed_clip_sigmas=15.0, gated_attn_quant_gate=True, lqer_enabled=False)
 
 
 def correlated_hessian(cols, n=4096, rank=32, seed=0):
