@@ -1,6 +1,7 @@
 """LQER (PR #1797) and COMPRESSOR=pergroup (PR #1855) in train_gpt.py's QUANTIZATION section: CPU, small
 trained-looking tensors (a low-rank part, noise and uneven row norms: nothing zero)."""
 import io
+import sys
 
 import pytest
 import torch
@@ -115,7 +116,8 @@ def test_lqer_int2_a_saturates_on_the_positive_side():
                        .view(4, 64))
 
 
-@pytest.mark.parametrize("over", [dict(lqer_asym_enabled=False), dict(lqer_asym_group=48)], ids=["asym off", "4*64 % 48"])
+@pytest.mark.parametrize("over", [dict(lqer_asym_enabled=False), dict(lqer_asym_group=48)],
+                         ids=["asym off", "4*64 % 48"])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_lqer_symmetric_fallback(over, bits):
     """Asym off, or a group that does not divide numel(B): both factors per-row int(LQER_FACTOR_BITS), tag +lqer."""
@@ -153,3 +155,127 @@ def test_size_line_counts_the_lqer_factors(lqer_payload, tmp_path):
         assert lines[0] == f"Serialized model quantized+brotli: {sizes[name]} bytes"
     factors = sum(t.numel() * t.element_size() for k, t in with_lqer["w"].items() if ".lq" in k)
     assert factors > 0 and sizes["with"] > sizes["without"]
+
+
+# ----------------------------------------------------------------------------- COMPRESSOR=pergroup
+
+
+def same_payload(a, b):
+    assert a["m"] == b["m"] and set(a["w"]) == set(b["w"])
+    for k, t in a["w"].items():
+        assert b["w"][k].dtype == t.dtype and b["w"][k].shape == t.shape and torch.equal(b["w"][k], t), k
+
+
+def remainder(blob):
+    import brotli
+    return torch.load(io.BytesIO(tg.byte_unshuffle(brotli.decompress(tg.unframe(blob[5:])[0]))), weights_only=True)
+
+
+def test_pergroup_round_trip_is_bit_exact(lqer_payload):
+    """Codes, scales, gates, passthrough, LQER factors and tags all come back exactly; every GPTQ code tensor of the
+    model is in its role's stream (layers in order), the rest in the remainder; loading needs no COMPRESSOR."""
+    payload = lqer_payload[3]
+    payload["w"]["step"] = torch.tensor(7)  # an int64 passthrough
+    blob = tg.pack_artifact(payload, "pergroup")
+    assert blob[:1] == b"P"
+    same_payload(payload, tg.unpack_artifact(blob, "a.ptz"))
+    rest = remainder(blob)
+    codes = [k for k in payload["w"] if k.endswith(".q")]
+    assert [k for members in rest["g"].values() for k, _, _ in members] == sorted(
+        codes, key=lambda k: (tg.PERGROUP_ROLES.index(tg.collapse_layer_index(k[:-2]).removeprefix("blocks.")), k))
+    assert not set(codes) & set(rest["w"]) and {k for k in rest["w"] if ".lq" in k} == \
+        {k for k in payload["w"] if ".lq" in k}
+    assert set(rest["p"]) == {k for k in codes if tg.collapse_layer_index(k[:-2]).removeprefix("blocks.")
+                              in tg.PERGROUP_SORTED}
+    assert all(p.dtype == torch.uint16 for p in rest["p"].values())
+
+
+def test_pergroup_artifact_loads_into_the_model(lqer_payload, tmp_path):
+    h, sd, _, payload, _ = lqer_payload
+    path = tmp_path / "final_model.int6.ptz"
+    path.write_bytes(tg.pack_artifact(payload, "pergroup"))
+    model = tg.load_artifact_model(h, torch.device("cpu"), str(path))
+    want = tg.dequantize_state_dict(payload, {k: v.cpu() for k, v in model.unbanked_state_dict().items()})
+    got = model.unbanked_state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def brute_force_order(q):
+    x, order, left = q.long(), [0], set(range(1, q.size(0)))
+    while left:
+        d = (x - x[order[-1]]).abs().sum(1).tolist()
+        order.append(min(left, key=lambda j: (d[j], j)))
+        left.remove(order[-1])
+    return order
+
+
+@pytest.mark.parametrize("shape,lo,hi", [((200, 70), -3, 3), ((150, 300), -128, 127), ((600, 40), -31, 31)],
+                         ids=["many ties", "full int8 range", "past the 512-step compaction"])
+def test_l1_row_order_is_the_exact_greedy_chain(shape, lo, hi):
+    q = torch.randint(lo, hi + 1, shape, generator=torch.Generator().manual_seed(shape[0]), dtype=torch.int8)
+    threads = torch.get_num_threads()
+    order = tg.l1_row_order(q)
+    assert order.tolist() == brute_force_order(q) and torch.get_num_threads() == threads
+    assert sorted(order.tolist()) == list(range(shape[0])) and torch.equal(tg.l1_row_order(q), order)
+
+
+def test_pergroup_permutation_inverse_restores_the_rows():
+    """Rows that are all distinct and far from sorted: the stored permutation is not the identity, and decoding
+    puts every row back where it was."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randint(-31, 32, (300, 64), generator=g, dtype=torch.int8)
+    i = torch.randperm(300, generator=g)
+    q[:, 0], q[:, 1] = i % 50 - 25, i // 50  # a distinct (q[:, 0], q[:, 1]) pair per row
+    assert torch.unique(q, dim=0).size(0) == 300
+    payload = {"w": {"tok_emb.weight.q": q, "tok_emb.weight.scale": torch.ones(q.size(0)).half()},
+               "m": {"tok_emb.weight": "gptq (int7)"}}
+    blob = tg.pack_artifact(payload, "pergroup")
+    perm = remainder(blob)["p"]["tok_emb.weight.q"].int()
+    assert not torch.equal(perm, torch.arange(q.size(0))) and torch.equal(perm, tg.l1_row_order(q).int())
+    same_payload(payload, tg.unpack_artifact(blob))
+
+
+FIX = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
+
+
+def test_pergroup_single_bit_flips_are_all_rejected(lqer_payload):
+    """As for the brotli and lzma kinds: any one flipped bit is a one-line DataError (CRC32), never a silent decode."""
+    payload = {"w": {k: v for k, v in lqer_payload[3]["w"].items() if k.startswith(("blocks.0.", "tok_emb"))},
+               "m": {k: v for k, v in lqer_payload[3]["m"].items() if k.startswith(("blocks.0.", "tok_emb"))}}
+    blob = tg.pack_artifact(payload, "pergroup")
+    same_payload(payload, tg.unpack_artifact(blob, "a.ptz"))
+    rng = torch.Generator().manual_seed(1)
+    bits = [0, 7, 8, 39, 40] + torch.randint(0, 8 * len(blob), (200,), generator=rng).tolist()
+    for bit in bits:
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << bit % 8
+        with pytest.raises(tg.DataError) as e:
+            tg.unpack_artifact(bytes(bad), "a.ptz")
+        msg = str(e.value)
+        assert msg.startswith("a.ptz: ") and FIX in msg and "\n" not in msg, (bit, msg)
+        if bit >= 8:
+            assert "checksum mismatch: the artifact is corrupt or truncated" in msg, (bit, msg)
+
+
+def test_pergroup_corrupt_body_with_a_good_checksum_is_one_line():
+    body = tg.frame([b"not brotli", b"x"])
+    for bad in (tg.seal(b"P", body), tg.seal(b"P", body[:-1])):
+        with pytest.raises(tg.DataError, match="corrupt model artifact") as e:
+            tg.unpack_artifact(bad, "/runs/x.ptz")
+        assert FIX in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_codec_package_is_a_data_error_naming_the_pip_command(lqer_payload, monkeypatch):
+    """bzip3 is imported only for pergroup: without it, COMPRESSOR=pergroup is refused at startup, and loading a
+    pergroup artifact says which package to install (not "corrupt"); brotli and lzma artifacts do not need it."""
+    payload = lqer_payload[3]
+    blob = tg.pack_artifact(payload, "pergroup")
+    monkeypatch.setitem(sys.modules, "bz3", None)  # import bz3 now raises ImportError
+    want = "COMPRESSOR=pergroup artifacts need the bzip3 package: pip install bzip3==0.1.10"
+    for fail in (lambda: tg.unpack_artifact(blob, "a.ptz"), lambda: tg.pack_artifact(payload, "pergroup"),
+                 lambda: make_h(**TINY, compressor="pergroup")):
+        with pytest.raises(tg.DataError) as e:
+            fail()
+        assert str(e.value) == want
+    same_payload(payload, tg.unpack_artifact(tg.pack_artifact(payload, "lzma")))
+    assert "bzip3==0.1.10" in open(tg.__file__.replace("train_gpt.py", "requirements.txt")).read()
