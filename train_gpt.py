@@ -41,8 +41,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 # change nothing, so they are warned about.
 RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
-                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST "
-                       "LQER_ENABLED").split()
+                       "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST").split()
 # RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper);
 # explicit env vars win. tests/test_recipes.py checks each against the record's command line on its code defaults.
 _B = dict(train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
@@ -51,9 +50,7 @@ RECIPES = {"1736": _B, "1756": dict(wd_taper_final_mult=1.0),
                         smear_gate_enabled=True, muon_polar_express=True, min_lr=0.1, warmdown_frac=0.85, beta2=0.99,
                         mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, gptq_reserve_seconds=0.5, val_loss_every=0,
                         ttt_beta2=0.99, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
-                        phased_ttt_prefix_docs=2500,
-                        # after-merge: lqer_enabled=True, compressor="pergroup",
-                        )}
+                        phased_ttt_prefix_docs=2500, lqer_enabled=True, compressor="pergroup")}
 
 
 def parse_env(name, raw, default):
@@ -176,7 +173,17 @@ class Hyperparameters:
     embed_clip_sigmas: float = 15.0  # row clip in std units, embedding
     gptq_calibration_batches: int = 16  # calibration batches (of training data), shared by the ranks
     gptq_calibration_seqs: int = 48  # sequences per calibration batch
-    compressor: str = "brotli"  # artifact compressor: brotli or lzma
+    # artifact compressor: brotli or lzma (the whole payload, byte-shuffled), or pergroup: each matrix role's codes in
+    # one bzip3 stream (about 1% smaller than brotli on trained weights; README, "Per-group compression")
+    compressor: str = "brotli"
+    # LQER (PR #1797): after GPTQ, the LQER_TOP_K tensors with the largest ||W - Q*s||_F also ship a quantised rank-r
+    # SVD of that error, added back at load
+    lqer_enabled: bool = False  # off until measured
+    lqer_rank: int = 4  # r: a few directions hold most of the GPTQ error's energy
+    lqer_top_k: int = 3  # the largest errors (tok_emb, mlp.fc in PR #1855): their factors cost ~10 KB each
+    lqer_factor_bits: int = 4  # per-row bits of both factors on the symmetric path
+    lqer_asym_enabled: bool = True  # A int2 with one scale, B int4 in groups: half A's bytes of the symmetric path
+    lqer_asym_group: int = 64  # B's group size; the symmetric path when it does not divide numel(B)
     # kernels (CUDA with Triton; elsewhere the plain expressions run)
     fused_ce_enabled: bool = True  # softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)
     # MLP up-projection + LeakyReLU(0.5)^2 in one Triton matmul: 2-4 GiB less activation memory, 1-3% slower steps
@@ -294,10 +301,15 @@ def check_config(h):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of "
                           f"WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN = {h.world_size}*{h.grad_accum_steps}*"
                           f"{h.train_seq_len} = {unit}; nearest valid: {lo + unit}" + (f" or {lo}" if lo else ""))
-    for name, value, ok in (("COMPRESSOR", h.compressor, ("brotli", "lzma")),
+    for name, value, ok in (("COMPRESSOR", h.compressor, ("brotli", "lzma", "pergroup")),
                             ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
         if value not in ok:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
+    if h.compressor == "pergroup":
+        pergroup_codec()  # a missing package fails now, not after training
+    if h.lqer_enabled and not (h.lqer_rank >= 1 and h.lqer_asym_group >= 1 and 2 <= h.lqer_factor_bits <= 8):
+        raise ConfigError(f"LQER_RANK={h.lqer_rank} and LQER_ASYM_GROUP={h.lqer_asym_group} must be >= 1, "
+                          f"LQER_FACTOR_BITS={h.lqer_factor_bits} in 2..8")
     check_windows(h, h.sliding_window_enabled, h.ttt_enabled)
 
 
@@ -1525,6 +1537,29 @@ def quant_summary_lines(meta):
     return [f"  {tag}: {', '.join(sorted(names))}" for tag, names in sorted(groups.items())]
 
 
+def lqer_factors(h, A, B):
+    """LQER's factors of the GPTQ error (A = U_r S_r, B = V_r^T), quantised. Asym: A int2 in [-2, 1] with one scale
+    max|A|/1.5, B int4 in [-8, 7] with a scale per LQER_ASYM_GROUP values of B flattened; else both per-row
+    int(LQER_FACTOR_BITS). Returns the payload entries (key suffix: tensor) and the tag suffix."""
+    if h.lqer_asym_enabled and B.numel() % h.lqer_asym_group == 0:
+        sa = fp16_row_scale(A.abs().max() / 1.5)  # +max rounds to 2, clamped to 1: the positive side saturates
+        sb = fp16_row_scale(B.reshape(-1, h.lqer_asym_group).abs().amax(1) / 7.5)
+        qa = (A / sa.float()).round().clamp(-2, 1).to(torch.int8)
+        qb = (B.reshape(sb.numel(), -1) / sb.float()[:, None]).round().clamp(-8, 7).to(torch.int8).view(B.shape)
+        return {"lqA_a": qa, "lqAs_a": sa, "lqB_a": qb, "lqBs_a": sb}, "+lqer_asym"
+    n = 2 ** (h.lqer_factor_bits - 1) - 1
+    sa, sb = (fp16_row_scale(x.abs().amax(1) / n) for x in (A, B))
+    return {"lqA": round_rows(A, sa, n), "lqAs": sa, "lqB": round_rows(B, sb, n), "lqBs": sb}, "+lqer"
+
+
+def lqer_delta(w, name, tag):
+    """The dequantised factor product A @ B (A: one scale or one per row; B: one per group or per row)."""
+    k = "_a" if "lqer_asym" in tag else ""
+    qa, sa, qb, sb = (w[f"{name}.{x}{k}"] for x in ("lqA", "lqAs", "lqB", "lqBs"))
+    b = (qb.float().reshape(sb.numel(), -1) * sb.float()[:, None]).view(qb.shape)
+    return (qa.float() * sa.float().reshape(-1, 1)) @ b
+
+
 def quantize_state_dict(h, sd, hessians):
     w, m = {}, {}
     for name, t in sd.items():
@@ -1542,6 +1577,13 @@ def quantize_state_dict(h, sd, hessians):
         else:
             raise ValueError(f"{name}: float tensor with {t.numel()} elements has no Hessian; "
                              "refusing to ship it unquantised (missing calibration hook?)")
+    if h.lqer_enabled:
+        err = lambda n: sd[n].detach().float().cpu() - w[n + ".q"].float() * w[n + ".scale"].float()[:, None]
+        for n in sorted((n for n in m if m[n].startswith("gptq")), key=lambda n: -err(n).norm().item())[: h.lqer_top_k]:
+            U, S, Vh = torch.linalg.svd(err(n), full_matrices=False)
+            factors, suffix = lqer_factors(h, U[:, : h.lqer_rank] * S[: h.lqer_rank], Vh[: h.lqer_rank])
+            w.update({f"{n}.{k}": v for k, v in factors.items()})
+            m[n] += suffix
     return {"w": w, "m": m}, quant_summary_lines(m)
 
 
@@ -1557,7 +1599,8 @@ def dequantize_state_dict(payload, template):
             q, s = (
                 (w[name + ".q"], w[name + ".scale"]) if tag.startswith("gptq") else (w[name + ".gq"], w[name + ".gs"])
             )
-            out[name] = (q.float() * s.float()[:, None]).to(t.dtype)
+            d = q.float() * s.float()[:, None]
+            out[name] = (d + lqer_delta(w, name, tag) if "lqer" in tag else d).to(t.dtype)
         elif tag == "passthrough (float16)":
             out[name] = w[name].to(t.dtype)
         else:
@@ -1585,6 +1628,8 @@ def byte_unshuffle(data):
 
 
 def pack_artifact(payload, compressor):
+    if compressor == "pergroup":
+        return pack_pergroup(payload)
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = byte_shuffle(buf.getvalue())
@@ -1594,7 +1639,7 @@ def pack_artifact(payload, compressor):
         return seal(b"B", brotli.compress(raw, quality=11, lgwin=24))
     if compressor == "lzma":
         return seal(b"L", lzma.compress(raw, preset=6))
-    raise ValueError(f"unknown compressor {compressor!r} (brotli or lzma)")
+    raise ValueError(f"unknown compressor {compressor!r} (brotli, lzma or pergroup)")
 
 
 def seal(kind, body):
@@ -1609,12 +1654,15 @@ def unpack_artifact(blob, name="artifact"):
     kind, crc, body = blob[:1], blob[1:5], blob[5:]
     if len(blob) < 5:
         raise DataError(f"{name}: {len(blob)} bytes, not a model artifact (empty or truncated); {fix}")
-    if kind not in (b"B", b"L"):
-        raise DataError(f"{name}: not a model artifact (first byte {kind!r}, expected b'B' brotli or b'L' lzma); "
-                        f"check ARTIFACT, or {fix}")
+    if kind not in (b"B", b"L", b"P"):
+        raise DataError(f"{name}: not a model artifact (first byte {kind!r}, expected b'B' brotli, b'L' lzma or "
+                        f"b'P' pergroup); check ARTIFACT, or {fix}")
     if zlib.crc32(body) != int.from_bytes(crc, "little"):
         raise DataError(f"{name}: checksum mismatch: the artifact is corrupt or truncated; {fix}")
+    codec = pergroup_codec() if kind == b"P" else None  # a missing package: its own message, not "corrupt"
     try:
+        if kind == b"P":
+            return unpack_pergroup(body, codec)
         if kind == b"B":
             import brotli
 
@@ -1625,6 +1673,110 @@ def unpack_artifact(blob, name="artifact"):
     except Exception as e:  # checksum fine: written corrupt, or by an incompatible version
         first = (str(e).splitlines() or [""])[0]
         raise DataError(f"{name}: corrupt model artifact ({type(e).__name__}: {first}); {fix}") from e
+
+
+# COMPRESSOR=pergroup (PR #1855): the int8 GPTQ codes of each matrix role, all layers in order, form one stream; every
+# matrix is stored column-major (neighbouring bytes: one column in neighbouring rows) and tok_emb's rows are chained by
+# L1 similarity first. The rest (scales, gates, passthrough, LQER factors, tags, manifest, permutation) is one Brotli
+# stream. tools/compress_bench.py chose the codec and the sorted set on trained weights (README: per-group compression).
+PERGROUP_ROLES = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weight", "attn.proj.weight",
+                  "mlp.fc.weight", "mlp.proj.weight")
+PERGROUP_SORTED = ("tok_emb.weight",)  # sorting c_q and mlp.fc (PR #1855) cost more permutation bytes than it saved
+
+
+def pergroup_codec():
+    """bzip3 (BWT + context mixing; one 16 MiB block per stream): 38 KB under Brotli on the same streams, decoded in
+    6 s on one core. Imported only for pergroup artifacts: (compress, decompress)."""
+    try:
+        import bz3
+    except ImportError:
+        raise DataError("COMPRESSOR=pergroup artifacts need the bzip3 package: pip install bzip3==0.1.10") from None
+    return (lambda b: bz3.compress(b, block_size=16 << 20)), bz3.decompress
+
+
+def pergroup_split(w):
+    """Role -> the keys of its GPTQ codes in payload (= layer) order."""
+    groups = {r: [] for r in PERGROUP_ROLES}
+    for k in w:
+        role = collapse_layer_index(k[:-2]).removeprefix("blocks.")
+        if k.endswith(".q") and w[k].dtype == torch.int8 and w[k].ndim == 2 and role in groups:
+            groups[role].append(k)
+    return groups
+
+
+def l1_row_order(q, chunk=128):
+    """Greedy nearest-neighbour chain from row 0: next is the unused row at the smallest L1 distance from the last
+    (ties: the lowest index). Exact: int16 sums over 128 columns (<= 128 * 255), then int32; one thread (the steps
+    are too small to share), used rows dropped every 512 steps."""
+    n, threads = q.size(0), torch.get_num_threads()
+    x = F.pad(q.to(torch.int16), (0, -q.size(1) % chunk)).view(n, -1, chunk)
+    idx, rest, used, order = torch.arange(n), x, torch.zeros(n, dtype=torch.bool), [0]
+    used[0] = True
+    torch.set_num_threads(1)
+    try:
+        for step in range(1, n):
+            if step % 512 == 0:
+                keep = ~used[idx]
+                idx, rest = idx[keep], rest[keep]
+            d = (rest - x[order[-1]]).abs_().sum(2, dtype=torch.int16).sum(1, dtype=torch.int32)
+            order.append(int(idx[d.masked_fill_(used[idx], 2**31 - 1).argmin()]))
+            used[order[-1]] = True
+    finally:
+        torch.set_num_threads(threads)
+    return torch.tensor(order)
+
+
+def frame(streams):
+    return b"".join(len(s).to_bytes(4, "little") + s for s in streams)
+
+
+def unframe(body):
+    out, i = [], 0
+    while i < len(body):
+        n = int.from_bytes(body[i : i + 4], "little")
+        out.append(body[i + 4 : i + 4 + n])
+        i += 4 + n
+    if i != len(body):
+        raise ValueError("stream lengths do not add up to the body")
+    return out
+
+
+def pack_pergroup(payload):
+    import brotli
+
+    compress, w = pergroup_codec()[0], payload["w"]
+    groups, streams, perms = pergroup_split(w), [], {}
+    for role, keys in groups.items():
+        parts = []
+        for k in keys:
+            if role in PERGROUP_SORTED:
+                if w[k].size(0) > 65536:
+                    raise ValueError(f"{k}: {w[k].size(0)} rows do not fit the uint16 permutation")
+                perms[k] = l1_row_order(w[k]).to(torch.uint16)
+            parts.append((w[k][perms[k].int()] if k in perms else w[k]).T.contiguous().numpy().tobytes())
+        streams.append(compress(b"".join(parts)) if parts else b"")
+    grouped = {k for keys in groups.values() for k in keys}
+    rest = {"w": {k: t for k, t in w.items() if k not in grouped}, "m": payload["m"], "p": perms,
+            "g": {r: [(k, *w[k].shape) for k in keys] for r, keys in groups.items()}}
+    buf = io.BytesIO()
+    torch.save(rest, buf)
+    return seal(b"P", frame([brotli.compress(byte_shuffle(buf.getvalue()), quality=11, lgwin=24)] + streams))
+
+
+def unpack_pergroup(body, codec):
+    import brotli
+
+    first, *streams = unframe(body)
+    rest = torch.load(io.BytesIO(byte_unshuffle(brotli.decompress(first))), map_location="cpu", weights_only=True)
+    w = rest["w"]
+    for members, stream in zip(rest["g"].values(), streams, strict=True):
+        data, pos = bytearray(codec[1](stream) if stream else b""), 0
+        for k, rows, cols in members:
+            q = torch.frombuffer(data, dtype=torch.int8, offset=pos, count=rows * cols).view(cols, rows).T
+            w[k], pos = (q[rest["p"][k].int().argsort()] if k in rest["p"] else q).contiguous(), pos + rows * cols
+        if pos != len(data):
+            raise ValueError(f"a code stream holds {len(data)} bytes, its manifest {pos}")
+    return {"w": w, "m": rest["m"]}
 
 
 def code_wrapper(source_text):

@@ -879,6 +879,22 @@ def test_e2e_resume_from_requantizes_without_training(full_run, prepared_data, t
     assert (tmp_path / "final_model.int6.ptz").read_bytes() != (art / "final_model.int6.ptz").read_bytes()
 
 
+def test_e2e_lqer_and_pergroup_requantize_and_score(full_run, prepared_data, tmp_path):
+    """LQER_ENABLED=1 COMPRESSOR=pergroup on the first run's weights: the log lists the corrected tensors, the size
+    line is the file's bytes, and the pergroup artifact is loaded (by its kind byte) and scored like the brotli one."""
+    art, out = full_run
+    r = run_trainer(prepared_data, tmp_path, RESUME_FROM=str(art / "final_model.pt"), COMPRESSOR="pergroup",
+                    LQER_ENABLED=1, TTT_ENABLED=0, ARTIFACT_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert len(re.findall(r"^  gptq \(int\d\)\+lqer_asym: \S", r.stdout, re.M)) >= 1
+    ptz = tmp_path / "final_model.int6.ptz"
+    assert ptz.read_bytes()[:1] == b"P"
+    size = re.search(r"^Serialized model quantized\+pergroup: (\d+) bytes", r.stdout, re.M)
+    assert int(size[1]) == ptz.stat().st_size
+    loss, bpb = map(float, metric(r.stdout, "diagnostic quantized"))
+    assert abs(bpb - float(metric(out, "diagnostic quantized")[1])) < 0.05
+
+
 def test_e2e_eval_only_rescores_artifact(full_run, prepared_data, tmp_path):
     """Scoring needs only the .ptz: delete final_model.pt, re-score with EVAL_ONLY=1 -> the very same numbers."""
     art, out = full_run

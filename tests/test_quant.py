@@ -9,7 +9,7 @@ import torch
 import train_gpt as tg
 
 H_ARGS = SimpleNamespace(matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85, attn_clip_sigmas=13.0,
-                         mlp_clip_sigmas=12.0, embed_clip_sigmas=15.0, gated_attn_quant_gate=True)
+                         mlp_clip_sigmas=12.0, embed_clip_sigmas=15.0, gated_attn_quant_gate=True, lqer_enabled=False)
 
 
 def correlated_hessian(cols, n=4096, rank=32, seed=0):
@@ -251,7 +251,7 @@ def test_byte_unshuffle_rejects_unshuffled():
         tg.byte_unshuffle(b"PK\x03\x04 not shuffled")
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "pergroup"])
 def test_pack_unpack_exact(compressor):
     if compressor == "brotli":
         pytest.importorskip("brotli")
@@ -259,15 +259,16 @@ def test_pack_unpack_exact(compressor):
     sd["step"] = torch.tensor(7)
     payload, _ = tg.quantize_state_dict(H_ARGS, sd, hessians)
     back = tg.unpack_artifact(tg.pack_artifact(payload, compressor))
-    assert back["m"] == payload["m"] and list(back["w"]) == list(payload["w"])
+    order = list if compressor != "pergroup" else set  # pergroup puts the code tensors after the rest
+    assert back["m"] == payload["m"] and order(back["w"]) == order(payload["w"])
     for k, t in payload["w"].items():
         assert back["w"][k].dtype == t.dtype and torch.equal(back["w"][k], t), k
 
 
 def test_pack_compressors_are_self_describing():
     payload = {"w": {"x": torch.arange(100, dtype=torch.int8)}, "m": {"x": "passthrough (float16)"}}
-    blobs = [tg.pack_artifact(payload, c) for c in ("lzma", "brotli")]
-    assert blobs[0][:1] != blobs[1][:1]
+    blobs = [tg.pack_artifact(payload, c) for c in ("lzma", "brotli", "pergroup")]
+    assert len({b[:1] for b in blobs}) == 3
     assert lzma.decompress(blobs[0][5:]).startswith(b"BSHF\x02")  # after the compressor byte and the CRC32
     with pytest.raises(ValueError, match="zstd"):
         tg.pack_artifact(payload, "zstd")
@@ -276,7 +277,7 @@ def test_pack_compressors_are_self_describing():
 FIX = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "pergroup"])
 def test_artifact_single_bit_flips_are_all_rejected(compressor):
     """Any one flipped bit (compressor byte, checksum or body) is a one-line DataError, never a silent decode
     (without the checksum most flips decoded to slightly different weights); the intact artifact round-trips."""
@@ -297,7 +298,7 @@ def test_artifact_single_bit_flips_are_all_rejected(compressor):
             assert "checksum mismatch: the artifact is corrupt or truncated" in msg, (bit, msg)
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "pergroup"])
 def test_unpack_bad_files_one_line_errors(compressor):
     blob = tg.pack_artifact({"w": {"x": torch.randn(300)}, "m": {}}, compressor)
     cases = {blob[: len(blob) // 2]: "checksum mismatch", blob + b"\0": "checksum mismatch",

@@ -2,9 +2,7 @@
 command (its env string, copied below as data) parsed by parse_env on top of the record's code defaults (written here
 as our fields); explicit env vars and from_env's overrides win over it; an unknown recipe is refused."""
 import dataclasses
-import inspect
 import os
-import re
 import subprocess
 import sys
 
@@ -45,8 +43,6 @@ D_CODE = dict(B_CODE, muon_polar_express=True, ttt_weight_decay=1.0, ttt_lora_al
 RECORDS = {"1736": (B_CODE, B_RUN), "1756": (C_CODE, C_RUN), "1855": (D_CODE, D_RUN)}
 # Unused under the record's own settings: D's dense gate is off (the sparse gate replaces it), so its init std is moot.
 INERT = {"1855": {"gated_attn_init_std"}}
-# Entries that wait for LQER / COMPRESSOR=pergroup to be merged: commented in RECIPES with `# after-merge:` until then.
-AFTER_MERGE = ("lqer_enabled", "compressor")
 
 
 def record_config(code, run):
@@ -72,14 +68,9 @@ def test_recipe_is_the_records_run_command(clean_env, recipe):
     clean_env.setenv("RECIPE", recipe)
     h = tg.Hyperparameters.from_env()
     assert h.recipe == recipe
-    pending = [k for k in AFTER_MERGE if recipe == "1855" and k not in tg.RECIPES[recipe]]
-    marker = re.search(r"# after-merge:(.*)", inspect.getsource(tg))
-    for k in pending:  # not switched on yet: it must be waiting behind the marker, at our default meanwhile
-        assert marker and f"{k}=" in marker.group(1), f"RECIPES['1855'] lacks {k} and no `# after-merge:` names it"
-        assert getattr(h, k, None) == (FIELDS[k].default if k in FIELDS else None)
-    want = {k: v for k, v in record_config(*RECORDS[recipe]).items() if k not in pending}
+    want = record_config(*RECORDS[recipe])
     ref = tg.Hyperparameters(**{**want, "run_id": h.run_id, "recipe": recipe})  # derived values alike
-    skip = INERT.get(recipe, set()) | set(pending)
+    skip = INERT.get(recipe, set())
     diff = {k: (v, getattr(ref, k)) for k, v in vars(h).items() if k not in skip and v != getattr(ref, k)}
     assert not diff, f"RECIPE={recipe}: field: (resolved, record) {diff}"
     # the recipe holds only differences from our defaults, each one needed
