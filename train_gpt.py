@@ -169,10 +169,10 @@ class Hyperparameters:
     # LQER (PR #1797): after GPTQ, the LQER_TOP_K tensors with the largest ||W - Q*s||_F also ship a quantised rank-r
     # SVD of that error, added back at load
     lqer_enabled: bool = False  # off until measured
-    lqer_rank: int = 4  # r: a few directions hold most of the GPTQ error's energy
-    lqer_top_k: int = 3  # the largest errors (tok_emb, mlp.fc in PR #1855): their factors cost ~10 KB each
+    lqer_rank: int = 4  # r: each rank costs rows + cols factor codes per tensor (PR #1855: 4)
+    lqer_top_k: int = 3  # the largest errors by Frobenius norm: tok_emb and two mlp.fc in PR #1855's runs
     lqer_factor_bits: int = 4  # per-row bits of both factors on the symmetric path
-    lqer_asym_enabled: bool = True  # A int2 with one scale, B int4 in groups: half A's bytes of the symmetric path
+    lqer_asym_enabled: bool = True  # A int2 with one scale, B int4 in groups (PR #1797): fewer bits than symmetric
     lqer_asym_group: int = 64  # B's group size; the symmetric path when it does not divide numel(B)
     # kernels (CUDA with Triton; elsewhere the plain expressions run)
     fused_ce_enabled: bool = True  # softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)
@@ -1665,8 +1665,8 @@ PERGROUP_SORTED = ("tok_emb.weight",)  # sorting c_q and mlp.fc (PR #1855) cost 
 
 
 def pergroup_codec():
-    """bzip3 (BWT + context mixing; one 16 MiB block per stream): 38 KB under Brotli on the same streams, decoded in
-    6 s on one core. Imported only for pergroup artifacts: (compress, decompress)."""
+    """bzip3 (BWT + context mixing; one 16 MiB block per stream): 18-48 KB under Brotli on the same streams, decoded
+    in 6 s on one core. Imported only for pergroup artifacts: (compress, decompress)."""
     try:
         import bz3
     except ImportError:
