@@ -3,6 +3,7 @@ command (its env string, copied below as data) parsed by parse_env on top of the
 as our fields); explicit env vars and from_env's overrides win over it; an unknown recipe is refused."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -134,3 +135,16 @@ def test_run_log_shows_the_recipe_and_resolved_values(tmp_path):
     for line in ("recipe: 1855", "ttt_lora_rank: 96", "ttt_lora_alpha: 144.0", "ttt_warm_start_a: True",
                  "sparse_attn_gate_scale: 0.5", "train_loop_phase_depths: ()", "eval_loop_depth: 3"):
         assert f"\n  {line}\n" in dump, line
+
+
+def test_ablation_variants_set_real_fields():
+    """tools/ablate.sh's variants: every NAME=value is a field and parses (a typo would silently ablate nothing)."""
+    text = open(os.path.join(REPO, "tools", "ablate.sh")).read()
+    body = text[text.index("declare -A VARIANTS=(") : text.index("\n)\n")]
+    variants = dict(re.findall(r'\[(\w+)\]="([^"]*)"', body))
+    assert {"default", "set1855", "smear", "sparse_gate", "polar", "min_lr", "beta2"} <= set(variants)
+    for name, env in variants.items():
+        for item in env.split():
+            key, raw = item.split("=", 1)
+            assert key.lower() in FIELDS, f"ablate.sh variant {name}: {key} is not a setting"
+            tg.parse_env(key, raw, FIELDS[key.lower()].default)

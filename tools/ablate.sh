@@ -22,13 +22,16 @@ declare -A VARIANTS=(
 # 25% of the initial weights (0.9965^400). Keep the records' relative horizon instead: 1 - 1/(0.058 * STEPS).
 EMA=${EMA_DECAY:-$(python3 -c "print(round(1 - 1 / (0.058 * ${STEPS:-400}), 4))")}
 mkdir -p "$OUT" "$WORK"
-[ -d "$WORK/data" ] || python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --out "$WORK/data" --tokenizer "$TOKENIZER" \
+[ -d "$WORK/data" ] || python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --out "$WORK/data" \
+  --tokenizer "$TOKENIZER" \
   --val-docs 200 --workers "$(nproc)" > "$OUT/ablate_prep.log" 2>&1 || { tail -5 "$OUT/ablate_prep.log"; exit 1; }
 for V in "$@"; do
   [ -n "${VARIANTS[$V]+x}" ] || { echo "unknown variant $V (${!VARIANTS[*]})"; exit 2; }
   NAME=ablate_${V}_s${SEED}
   env DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5 \
-    VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 EMA_DECAY=$EMA SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
+    VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 EMA_DECAY=$EMA SEED=$SEED RUN_ID=$NAME \
+    ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
     python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
-  echo "$NAME: $(grep -E "^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory" "$OUT/$NAME.log" | tr '\n' ' ')"
+  KEY="^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory"
+  echo "$NAME: $(grep -E "$KEY" "$OUT/$NAME.log" | tr '\n' ' ')"
 done
