@@ -1627,16 +1627,28 @@ def byte_unshuffle(data):
     return bytes(out)
 
 
+def shuffled_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return byte_shuffle(buf.getvalue())
+
+
+def load_shuffled(raw):
+    return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+
+
+def brotli_max(raw):
+    import brotli
+
+    return brotli.compress(raw, quality=11, lgwin=24)
+
+
 def pack_artifact(payload, compressor):
     if compressor == "pergroup":
         return pack_pergroup(payload)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    raw = byte_shuffle(buf.getvalue())
+    raw = shuffled_bytes(payload)
     if compressor == "brotli":
-        import brotli
-
-        return seal(b"B", brotli.compress(raw, quality=11, lgwin=24))
+        return seal(b"B", brotli_max(raw))
     if compressor == "lzma":
         return seal(b"L", lzma.compress(raw, preset=6))
     raise ValueError(f"unknown compressor {compressor!r} (brotli, lzma or pergroup)")
@@ -1669,7 +1681,7 @@ def unpack_artifact(blob, name="artifact"):
             raw = brotli.decompress(body)
         else:
             raw = lzma.decompress(body)
-        return torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+        return load_shuffled(raw)
     except Exception as e:  # checksum fine: written corrupt, or by an incompatible version
         first = (str(e).splitlines() or [""])[0]
         raise DataError(f"{name}: corrupt model artifact ({type(e).__name__}: {first}); {fix}") from e
@@ -1742,8 +1754,6 @@ def unframe(body):
 
 
 def pack_pergroup(payload):
-    import brotli
-
     compress, w = pergroup_codec()[0], payload["w"]
     groups, streams, perms = pergroup_split(w), [], {}
     for role, keys in groups.items():
@@ -1758,16 +1768,14 @@ def pack_pergroup(payload):
     grouped = {k for keys in groups.values() for k in keys}
     rest = {"w": {k: t for k, t in w.items() if k not in grouped}, "m": payload["m"], "p": perms,
             "g": {r: [(k, *w[k].shape) for k in keys] for r, keys in groups.items()}}
-    buf = io.BytesIO()
-    torch.save(rest, buf)
-    return seal(b"P", frame([brotli.compress(byte_shuffle(buf.getvalue()), quality=11, lgwin=24)] + streams))
+    return seal(b"P", frame([brotli_max(shuffled_bytes(rest))] + streams))
 
 
 def unpack_pergroup(body, codec):
     import brotli
 
     first, *streams = unframe(body)
-    rest = torch.load(io.BytesIO(byte_unshuffle(brotli.decompress(first))), map_location="cpu", weights_only=True)
+    rest = load_shuffled(brotli.decompress(first))
     w = rest["w"]
     for members, stream in zip(rest["g"].values(), streams, strict=True):
         data, pos = bytearray(codec[1](stream) if stream else b""), 0
