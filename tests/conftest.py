@@ -104,3 +104,25 @@ def prepared_data(tmp_path_factory, docs):
     subprocess.run([sys.executable, str(REPO / "prepare_caseops_data.py"), "--docs", str(docs_file), "--out", str(root / "out"),
                     "--val-docs", "12", "--shard-tokens", "60000", "--workers", "1", *tok], check=True, capture_output=True)
     return root / "out"
+
+
+ARTIFACT_FIX = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
+
+
+def assert_every_bit_flip_rejected(blob, name="a.ptz"):
+    """Bits 0-7 (kind byte), 8-39 (CRC32), 40 and 200 random ones, each flipped alone: a one-line DataError naming
+    `name` and the fix, and past the kind byte the checksum message (never a silent decode)."""
+    import torch
+    import train_gpt as tg
+
+    rng = torch.Generator().manual_seed(1)
+    bits = [0, 7, 8, 39, 40] + torch.randint(0, 8 * len(blob), (200,), generator=rng).tolist()
+    for bit in bits:
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << bit % 8
+        with pytest.raises(tg.DataError) as e:
+            tg.unpack_artifact(bytes(bad), name)
+        msg = str(e.value)
+        assert msg.startswith(f"{name}: ") and ARTIFACT_FIX in msg and "\n" not in msg, (bit, msg)
+        if bit >= 8:
+            assert "checksum mismatch: the artifact is corrupt or truncated" in msg, (bit, msg)

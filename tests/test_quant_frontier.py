@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import make_h
+from conftest import ARTIFACT_FIX, assert_every_bit_flip_rejected, make_h
 
 TINY = dict(num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=1, parallel_start_layer=2,
             xsa_last_n=3, vocab_size=96, compile=False)
@@ -235,7 +235,6 @@ def test_pergroup_permutation_inverse_restores_the_rows():
     same_payload(payload, tg.unpack_artifact(blob))
 
 
-FIX = "re-copy it, or re-run quantization with RESUME_FROM=final_model.pt"
 
 
 def test_pergroup_single_bit_flips_are_all_rejected(lqer_payload):
@@ -244,17 +243,7 @@ def test_pergroup_single_bit_flips_are_all_rejected(lqer_payload):
                "m": {k: v for k, v in lqer_payload[3]["m"].items() if k.startswith(("blocks.0.", "tok_emb"))}}
     blob = tg.pack_artifact(payload, "pergroup")
     same_payload(payload, tg.unpack_artifact(blob, "a.ptz"))
-    rng = torch.Generator().manual_seed(1)
-    bits = [0, 7, 8, 39, 40] + torch.randint(0, 8 * len(blob), (200,), generator=rng).tolist()
-    for bit in bits:
-        bad = bytearray(blob)
-        bad[bit // 8] ^= 1 << bit % 8
-        with pytest.raises(tg.DataError) as e:
-            tg.unpack_artifact(bytes(bad), "a.ptz")
-        msg = str(e.value)
-        assert msg.startswith("a.ptz: ") and FIX in msg and "\n" not in msg, (bit, msg)
-        if bit >= 8:
-            assert "checksum mismatch: the artifact is corrupt or truncated" in msg, (bit, msg)
+    assert_every_bit_flip_rejected(blob)
 
 
 def test_pergroup_corrupt_body_with_a_good_checksum_is_one_line():
@@ -262,7 +251,7 @@ def test_pergroup_corrupt_body_with_a_good_checksum_is_one_line():
     for bad in (tg.seal(b"P", body), tg.seal(b"P", body[:-1])):
         with pytest.raises(tg.DataError, match="corrupt model artifact") as e:
             tg.unpack_artifact(bad, "/runs/x.ptz")
-        assert FIX in str(e.value) and "\n" not in str(e.value)
+        assert ARTIFACT_FIX in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_codec_package_is_a_data_error_naming_the_pip_command(lqer_payload, monkeypatch):
