@@ -836,22 +836,28 @@ softcap_ce.register_autograd(_softcap_ce_bwd, setup_context=_softcap_ce_setup)
 
 
 def _fast_attention_kernels():
-    """FA3 if importable, else torch's varlen_attn (FA2), on CUDA; the CPU runs SDPA only."""
+    """On CUDA: FA3 (flash_attn_interface), FA4 (flash-attn-4's CuTe DSL kernels) and torch's varlen_attn (FA2),
+    each where importable; the CPU runs SDPA only."""
     if not torch.cuda.is_available():
-        return None, None
+        return None, None, None
+    fa3 = fa4 = varlen = None
     try:
         from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
-        return (flash_attn_func, flash_attn_varlen_func), None
+        fa3 = flash_attn_func, flash_attn_varlen_func
     except ImportError:
         pass
     try:
-        from torch.nn.attention.varlen import varlen_attn
-        return None, varlen_attn
+        from flash_attn.cute import interface as fa4
+    except Exception:  # not installed, or its CUDA DSL does not load here
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn as varlen
     except ImportError:
-        return None, None
+        pass
+    return fa3, fa4, varlen
 
 
-_FA3, _VARLEN = _fast_attention_kernels()
+_FA3, _FA4, _VARLEN = _fast_attention_kernels()
 if _VARLEN is not None:
     _VARLEN_PARAMS = inspect.signature(_VARLEN).parameters
     _VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
@@ -888,12 +894,51 @@ def packed_block_mask(cu, n):
     )
 
 
+@torch.library.custom_op("pgolf::fa4_varlen", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu, int max_len) -> (Tensor, Tensor)")
+def fa4_varlen(q, k, v, cu, max_len):
+    """FA4 causal attention within the segments of cu, q [T,H,D], k/v [T,KV,D] contiguous: (out, lse [H,T] fp32).
+    A custom op: compiled blocks see one opaque call instead of tracing into the CuTe DSL."""
+    return _FA4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                max_seqlen_k=max_len, causal=True, return_lse=True)[:2]
+
+
+@fa4_varlen.register_fake
+def _(q, k, v, cu, max_len):
+    return q.new_empty(q.shape), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::fa4_varlen_bwd", mutates_args=(), schema=(
+    "(Tensor g, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, int max_len) -> (Tensor, Tensor, Tensor)"))
+def fa4_varlen_bwd(g, q, k, v, out, lse, cu, max_len):
+    return tuple(_FA4._flash_attn_bwd(q, k, v, out, g.contiguous(), lse, None, True, cu_seqlens_q=cu,
+                                      cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
+
+
+@fa4_varlen_bwd.register_fake
+def _(g, q, k, v, out, lse, cu, max_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup(ctx, inputs, output):
+    ctx.max_len = inputs[4]
+    ctx.save_for_backward(*inputs[:4], *output)
+
+
+def _fa4_bwd(ctx, g, _):
+    q, k, v, cu, out, lse = ctx.saved_tensors
+    return *fa4_varlen_bwd(g, q, k, v, out, lse, cu, ctx.max_len), None, None
+
+
+fa4_varlen.register_autograd(_fa4_bwd, setup_context=_fa4_setup)
+
+
 def attention_backend(asked):
     """The attention kernel for packed rows, chosen once by the config: FA3 when importable, else flex_attention with
     a document block mask on CUDA, else SDPA (CPU: one call per document). varlen = torch's varlen_attn (FA2)."""
     default = "fa3" if _FA3 else "flex" if torch.cuda.is_available() else "sdpa"
-    if asked and (asked not in ("fa3", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
-                  or asked == "varlen" and not _VARLEN):
+    if asked and (asked not in ("fa3", "fa4", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
+                  or asked == "fa4" and not _FA4 or asked == "varlen" and not _VARLEN):
         raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here; unset it for {default}")
     return asked or default
 
@@ -921,6 +966,8 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
         if cu is None:
             return _FA3[0](q, k, v, causal=True)
         return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
+    if backend == "fa4" and cu is not None:
+        return fa4_varlen(*(t[0].contiguous() for t in (q, k, v)), cu, max_len)[0][None]
     if backend == "varlen" and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
         if "enable_gqa" in _VARLEN_PARAMS:

@@ -12,7 +12,7 @@ from conftest import make_h
 TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
             loop_start=1, loop_end=2, parallel_start_layer=3, xsa_last_n=4, train_seq_len=64, compile=False,
             attn_backend="sdpa")  # CPU tensors: the SDPA path, even on a machine with FA3/varlen_attn
-FAST_VARLEN = "fa3" if tg._FA3 else "varlen" if tg._VARLEN else None
+FAST_VARLEN = [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("varlen", tg._VARLEN)) if ok]
 
 
 def tiny_model(depth=1, seed=0, **over):
@@ -245,17 +245,98 @@ def test_dense_attention_is_causal_gqa_reference():
     assert (wrong - out).abs().max() > 1e-2
 
 
-@pytest.mark.skipif(FAST_VARLEN is None, reason="FA3 and torch's varlen_attn run on CUDA only")
-def test_fast_varlen_backend_matches_reference():
+@pytest.mark.skipif(not FAST_VARLEN, reason="FA3, FA4 and torch's varlen_attn run on CUDA only")
+@pytest.mark.parametrize("backend", FAST_VARLEN or [None])
+def test_fast_varlen_backend_matches_reference(backend):
     dev = torch.device("cuda")
     tokens = [1] + [5] * 40 + [1] + [6] * 30 + [1] + [7] * 57
     T = len(tokens)
     cu = tg.cu_seqlens_for(tokens, 32, bucket=64)
     q, k, v = qkv(T, H=8, KV=4, D=64)
-    out = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), cu.to(dev), 32, FAST_VARLEN).float().cpu()
+    out = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), cu.to(dev), 32, backend).float().cpu()
     torch.testing.assert_close(out, reference_attention(q, k, v, segments_of(cu, T)), atol=3e-2, rtol=3e-2)
-    dense = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), None, T, FAST_VARLEN).float().cpu()
+    dense = tg.attend(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), None, T, backend).float().cpu()
     torch.testing.assert_close(dense, reference_attention(q, k, v, torch.zeros(T, dtype=torch.long)), atol=3e-2, rtol=3e-2)
+
+
+class ReferenceFA4:
+    """Stands in for flash-attn-4's interface module on the CPU: its two entry points that train_gpt calls, computed
+    with the fp64 reference, so the tests below check our wrapper (custom op, autograd, compile, model path)."""
+    calls = 0
+
+    @staticmethod
+    def _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, return_lse):
+        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and q.dim() == 3
+        ReferenceFA4.calls += 1
+        T, H, D = q.shape
+        seg = segments_of(cu_seqlens_q, T)
+        kv_of = torch.arange(H) // (H // k.size(1))
+        s = torch.einsum("ihd,jhd->hij", q.double(), k[:, kv_of].double()) / D**0.5
+        pos = torch.arange(T)
+        s = s.masked_fill(~((pos[None] <= pos[:, None]) & (seg[None] == seg[:, None])), float("-inf"))
+        lse = s.logsumexp(-1)
+        out = torch.einsum("hij,jhd->ihd", (s - lse[..., None]).exp(), v[:, kv_of].double())
+        return out.to(q.dtype).contiguous(), lse.float().contiguous(), None, None, None
+
+    @staticmethod
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k):
+        """The attention backward from out and lse (custom ops run below autograd: no recomputation by autograd)."""
+        assert softmax_scale is None and causal and cu_seqlens_q is cu_seqlens_k
+        T, H, D = q.shape
+        KV = k.size(1)
+        kv_of = torch.arange(H) // (H // KV)
+        q, kh, vh, out, dout = q.double(), k[:, kv_of].double(), v[:, kv_of].double(), out.double(), dout.double()
+        seg, pos = segments_of(cu_seqlens_q, T), torch.arange(T)
+        s = torch.einsum("ihd,jhd->hij", q, kh) / D**0.5
+        s = s.masked_fill(~((pos[None] <= pos[:, None]) & (seg[None] == seg[:, None])), float("-inf"))
+        p = (s - lse.double()[..., None]).exp()
+        ds = p * (torch.einsum("ihd,jhd->hij", dout, vh) - (dout * out).sum(-1).t()[..., None])
+        dq = torch.einsum("hij,jhd->ihd", ds, kh) / D**0.5
+        per_head = torch.einsum("hij,ihd->jhd", ds, q) / D**0.5, torch.einsum("hij,ihd->jhd", p, dout)
+        dk, dv = (t.view(T, KV, H // KV, D).sum(2) for t in per_head)
+        return tuple(t.to(k.dtype).contiguous() for t in (dq, dk, dv))
+
+
+def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch):
+    """ATTN_BACKEND=fa4 goes through the pgolf::fa4_varlen custom op (forward, lse, backward op) and traces into a
+    compiled graph without a break; with the reference standing in for the CuTe kernels it equals the SDPA path."""
+    monkeypatch.setattr(tg, "_FA4", ReferenceFA4)
+    tokens = [1] + [5] * 20 + [1] + [6] * 9 + [1] + [7] * 30
+    T = len(tokens)
+    cu = tg.cu_seqlens_for(tokens, 16, bucket=16)  # a doc split at max_len, padding entries at T
+    q, k, v = (t.requires_grad_() for t in qkv(T, H=4, KV=2, D=16))
+    g, ReferenceFA4.calls = torch.randn(1, T, 4, 16), 0
+    want = tg.attend(q, k, v, cu, 16, "sdpa")
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for f in (tg.attend, torch.compile(tg.attend, backend="aot_eager", fullgraph=True)):
+        got = f(q, k, v, cu, 16, "fa4")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.library.opcheck(tg.fa4_varlen, (q.detach()[0], k.detach()[0], v.detach()[0], cu, 16))
+    assert ReferenceFA4.calls > 0
+
+
+def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch):
+    """The model's packed path with fa4 gives the SDPA path's losses (randomised weights, a split document)."""
+    monkeypatch.setattr(tg, "_FA4", ReferenceFA4)
+    tokens = torch.tensor([1] + [5, 9, 3] * 20 + [1] + [7, 2] * 15 + [1, 4, 4, 8])
+    cu = tg.cu_seqlens_for(tokens[:-1].tolist(), 32, bucket=16)
+    ids, tgt = tokens[None, :-1], tokens[None, 1:]
+    losses, ReferenceFA4.calls = {}, 0
+    for backend in ("sdpa", "fa4"):
+        model = tiny_model(depth=2, attn_backend=backend)
+        with torch.no_grad():
+            losses[backend] = model.token_losses(ids, tgt, tg.Fwd(2), cu)
+    torch.testing.assert_close(losses["fa4"], losses["sdpa"], atol=1e-5, rtol=1e-5)
+    assert ReferenceFA4.calls == sum(map(len, tg.layer_plan(model.h, 2)))  # every virtual layer ran it
+
+
+def test_unavailable_fa4_is_refused_at_startup(monkeypatch):
+    monkeypatch.setattr(tg, "_FA4", None)
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND='fa4' is not available here"):
+        tg.attention_backend("fa4")
 
 
 def packed_docs(lens):

@@ -63,7 +63,8 @@ def one_gpu_h(tg, **over):
 
 def bench_training(tg, steps, peak):
     rows = []
-    backends = (["fa3"] if tg._FA3 else []) + ["flex"] + (["varlen"] if tg._VARLEN else [])
+    backends = os.environ.get("BENCH_BACKENDS", "").split(",") if os.environ.get("BENCH_BACKENDS") else \
+        [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("flex", True), ("varlen", tg._VARLEN)) if ok]
     for backend in backends:
         torch._dynamo.reset()  # each backend's cu type: start from empty compile caches
         h = one_gpu_h(tg, attn_backend=backend)
@@ -172,31 +173,66 @@ def profile_step(tg, steps, depths=(1, 4)):
     return lines
 
 
+FLEX_VARIANTS = (  # flex_attention kernel options tried against its defaults (torch's own H100 configs)
+    ("rows safe + contiguous blocks", {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}),
+    ("TMA", {"USE_TMA": True}),
+    ("prescaled QK", {"PRESCALE_QK": True}),
+    ("bwd 64x64 4 warps 3 stages", {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                                    "bwd_num_warps": 4, "bwd_num_stages": 3}),
+    ("bwd 64x128 8 warps 4 stages", {"bwd_num_stages": 4}),
+    ("fwd 128x64", {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64}),
+)
+
+
 def bench_attention():
+    """fwd+bwd ms of each packed-document kernel at the training shape, and its output / gradient error against
+    flex (the default) on the same inputs."""
     import train_gpt as tg
+    from torch.nn.attention.flex_attention import flex_attention
     T, H, KV, D = 98304, 8, 4, 64
     toks = synthetic_docs(T, 8192)
     cu = tg.cu_seqlens_for(toks[:-1].numpy(), 2048).cuda()
     q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, T, KV, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    g = torch.randn_like(q)
     rows = {}
 
     def fwd_bwd(f):
-        return lambda: f().float().square().mean().backward()
+        return lambda: f().backward(g)
 
-    if tg._FA3:
-        rows["fa3 varlen (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048, "fa3")))
-    if tg._VARLEN:
-        rows["torch varlen_attn (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, cu, 2048, "varlen")))
+    def grads(f):
+        out = f()
+        return [out.detach()] + list(torch.autograd.grad(out, (q, k, v), g))
+
     bm = tg.packed_block_mask(cu, T)
-    rows["flex_attention + document block mask (doc-packed)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(q, k, v, bm, 2048)))
-    rows["building the block mask from cu_seqlens (once per forward)"] = cuda_time_ms(lambda: tg.packed_block_mask(cu, T))
+    flex = lambda: tg.attend(q, k, v, bm, 2048)
+    ref = grads(flex)
+    err = lambda f: " / ".join(f"{rel_err(a, b):.1e}" for a, b in zip(grads(f), ref))
+    rows["flex_attention + document block mask (doc-packed, default)"] = (cuda_time_ms(fwd_bwd(flex)), "")
+    tr = lambda z: z.transpose(1, 2)
+    variants = FLEX_VARIANTS + (("max-autotune", None),) if os.environ.get("BENCH_FLEX_VARIANTS", "1") == "1" else ()
+    for name, opts in variants:
+        try:
+            f = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs") if opts is None else \
+                torch.compile(lambda a, b, c, bm, o=opts: flex_attention(a, b, c, block_mask=bm, enable_gqa=True,
+                                                                           kernel_options=o), dynamic=False)
+            call = (lambda f=f: tr(f(tr(q), tr(k), tr(v), block_mask=bm, enable_gqa=True))) if opts is None else \
+                (lambda f=f: tr(f(tr(q), tr(k), tr(v), bm)))
+            rows[f"flex, {name}"] = (cuda_time_ms(fwd_bwd(call)), err(call))
+        except Exception as e:  # an option this torch / GPU refuses: say so, keep going
+            print(f"flex {name}: {type(e).__name__}: {str(e)[:300]}")
+    for backend, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("varlen", tg._VARLEN)):
+        if ok:
+            f = lambda b=backend: tg.attend(q, k, v, cu, 2048, b)
+            rows[f"{backend} varlen (doc-packed)"] = (cuda_time_ms(fwd_bwd(f)), err(f))
+    rows["building the block mask from cu_seqlens (once per forward)"] = (cuda_time_ms(lambda: tg.packed_block_mask(cu, T)), "")
     qd, kd, vd = (t.detach().view(48, 2048, -1, D).requires_grad_() for t in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel([be]):
-                rows[f"sdpa {name} dense causal 48x2048 (no doc mask; TTT rows)"] = cuda_time_ms(fwd_bwd(lambda: tg.attend(qd, kd, vd, None, 2048)))
+                rows[f"sdpa {name} dense causal 48x2048 (no doc mask; TTT rows)"] = (
+                    cuda_time_ms(lambda: tg.attend(qd, kd, vd, None, 2048).float().square().mean().backward()), "")
         except RuntimeError as e:
             print(f"sdpa {name}: {e}")
     return rows
@@ -482,8 +518,9 @@ def main():
         for r in bench_training(tg, args.steps, peak):
             lines.append(f"| {r['attn']} | {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
     if "attention" in sections:
-        lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in bench_attention().items()]
+        lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms | rel. error vs flex: out / dq / dk / dv |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {ms:.2f} | {e} |" for k, (ms, e) in bench_attention().items()]
     emit(lines, args.out)
     if "profile" in sections:
         emit(profile_step(tg, args.steps), args.out)
