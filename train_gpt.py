@@ -894,13 +894,22 @@ def packed_block_mask(cu, n):
     )
 
 
+def _fa4_call(kernel, *args, **kw):
+    """FA4 compiles its kernels on first use, so a GPU / CUDA / torch it does not support fails here, in the
+    compile warm-up before the timer: say how to run without it."""
+    try:
+        return kernel(*args, **kw)
+    except Exception as e:
+        raise RuntimeError(f"FA4 (flash-attn-4) failed: {type(e).__name__}: {e}; ATTN_BACKEND=flex runs without it") from e
+
+
 @torch.library.custom_op("pgolf::fa4_varlen", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor cu, int max_len) -> (Tensor, Tensor)")
 def fa4_varlen(q, k, v, cu, max_len):
     """FA4 causal attention within the segments of cu, q [T,H,D], k/v [T,KV,D] contiguous: (out, lse [H,T] fp32).
     A custom op: compiled blocks see one opaque call instead of tracing into the CuTe DSL."""
-    return _FA4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                max_seqlen_k=max_len, causal=True, return_lse=True)[:2]
+    return _fa4_call(_FA4._flash_attn_fwd, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                     max_seqlen_k=max_len, causal=True, return_lse=True)[:2]
 
 
 @fa4_varlen.register_fake
@@ -911,8 +920,8 @@ def _(q, k, v, cu, max_len):
 @torch.library.custom_op("pgolf::fa4_varlen_bwd", mutates_args=(), schema=(
     "(Tensor g, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, int max_len) -> (Tensor, Tensor, Tensor)"))
 def fa4_varlen_bwd(g, q, k, v, out, lse, cu, max_len):
-    return tuple(_FA4._flash_attn_bwd(q, k, v, out, g.contiguous(), lse, None, True, cu_seqlens_q=cu,
-                                      cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
+    return tuple(_fa4_call(_FA4._flash_attn_bwd, q, k, v, out, g.contiguous(), lse, None, True, cu_seqlens_q=cu,
+                           cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3])
 
 
 @fa4_varlen_bwd.register_fake
@@ -934,9 +943,10 @@ fa4_varlen.register_autograd(_fa4_bwd, setup_context=_fa4_setup)
 
 
 def attention_backend(asked):
-    """The attention kernel for packed rows, chosen once by the config: FA3 when importable, else flex_attention with
-    a document block mask on CUDA, else SDPA (CPU: one call per document). varlen = torch's varlen_attn (FA2)."""
-    default = "fa3" if _FA3 else "flex" if torch.cuda.is_available() else "sdpa"
+    """The attention kernel for packed rows, chosen once by the config: FA3, else FA4 when importable, else
+    flex_attention with a document block mask on CUDA, else SDPA (CPU: one call per document). varlen = torch's
+    varlen_attn (FA2). FA4 runs the training step 10% faster than flex on an H200 (docs/BENCHMARKS.md)."""
+    default = "fa3" if _FA3 else "fa4" if _FA4 else "flex" if torch.cuda.is_available() else "sdpa"
     if asked and (asked not in ("fa3", "fa4", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
                   or asked == "fa4" and not _FA4 or asked == "varlen" and not _VARLEN):
         raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here; unset it for {default}")

@@ -309,7 +309,7 @@ def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch
     g, ReferenceFA4.calls = torch.randn(1, T, 4, 16), 0
     want = tg.attend(q, k, v, cu, 16, "sdpa")
     want_grads = torch.autograd.grad(want, (q, k, v), g)
-    for f in (tg.attend, torch.compile(tg.attend, backend="aot_eager", fullgraph=True)):
+    for f in (tg.attend, *(torch.compile(tg.attend, backend="aot_eager", fullgraph=True, dynamic=d) for d in (False, True))):
         got = f(q, k, v, cu, 16, "fa4")
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads):
@@ -333,10 +333,29 @@ def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch):
     assert ReferenceFA4.calls == sum(map(len, tg.layer_plan(model.h, 2)))  # every virtual layer ran it
 
 
-def test_unavailable_fa4_is_refused_at_startup(monkeypatch):
+def test_fa4_is_the_default_after_fa3_and_refused_when_absent(monkeypatch):
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tg, "_FA3", None)
+    monkeypatch.setattr(tg, "_FA4", ReferenceFA4)
+    assert tg.attention_backend("") == "fa4"
+    monkeypatch.setattr(tg, "_FA3", (None, None))
+    assert tg.attention_backend("") == "fa3"
+    monkeypatch.setattr(tg, "_FA3", None)
     monkeypatch.setattr(tg, "_FA4", None)
-    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND='fa4' is not available here"):
+    assert tg.attention_backend("") == "flex"
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND='fa4' is not available here; unset it for flex"):
         tg.attention_backend("fa4")
+
+
+def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
+    class Broken:
+        @staticmethod
+        def _flash_attn_fwd(*a, **kw):
+            raise ValueError("no kernel for sm_75")
+    monkeypatch.setattr(tg, "_FA4", Broken)
+    q, k, v = qkv(32)
+    with pytest.raises(RuntimeError, match=r"FA4 \(flash-attn-4\) failed: ValueError: no kernel for sm_75; ATTN_BACKEND=flex runs"):
+        tg.attend(q, k, v, tg.cu_seqlens_for([1] + [5] * 31, 32, bucket=16), 32, "fa4")
 
 
 def packed_docs(lens):
