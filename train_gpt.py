@@ -45,12 +45,12 @@ RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARM
 # RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper);
 # explicit env vars win. tests/test_recipes.py checks each against the record's command line on its code defaults.
 _B = dict(train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
-RECIPES = {"1736": _B, "1756": dict(wd_taper_final_mult=1.0),
+RECIPES = {"1736": dict(_B, compressor="brotli"), "1756": dict(wd_taper_final_mult=1.0, compressor="brotli"),
            "1855": dict(_B, gated_attn_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
                         smear_gate_enabled=True, muon_polar_express=True, min_lr=0.1, warmdown_frac=0.85, beta2=0.99,
                         mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, gptq_reserve_seconds=0.5, val_loss_every=0,
                         ttt_beta2=0.99, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
-                        phased_ttt_prefix_docs=2500, lqer_enabled=True, compressor="pergroup")}
+                        phased_ttt_prefix_docs=2500, lqer_enabled=True)}
 
 
 def parse_env(name, raw, default):
@@ -173,9 +173,9 @@ class Hyperparameters:
     embed_clip_sigmas: float = 15.0  # row clip in std units, embedding
     gptq_calibration_batches: int = 16  # calibration batches (of training data), shared by the ranks
     gptq_calibration_seqs: int = 48  # sequences per calibration batch
-    # artifact compressor: brotli or lzma (the whole payload, byte-shuffled), or pergroup: each matrix role's codes in
-    # one bzip3 stream (about 1% smaller than brotli on trained weights; README, "Per-group compression")
-    compressor: str = "brotli"
+    # artifact compressor: pergroup: each matrix role's codes in one bzip3 stream, lossless and 147-174 KB smaller than
+    # brotli on trained weights (docs/BENCHMARKS.md); brotli or lzma: the whole payload, byte-shuffled (the records')
+    compressor: str = "pergroup"
     # LQER (PR #1797): after GPTQ, the LQER_TOP_K tensors with the largest ||W - Q*s||_F also ship a quantised rank-r
     # SVD of that error, added back at load
     lqer_enabled: bool = False  # off until measured

@@ -798,8 +798,8 @@ def test_ttt_two_ranks_equal_one(tmp_path):
 # Small enough for ~30 s per run on one CPU thread: half the val docs in TTT, 256-token chunks, looped depth 2.
 E2E = dict(ITERATIONS=4, EVAL_LOOP_DEPTH=2, VAL_BATCH_TOKENS=4096, TTT_CHUNK_SIZE=256, VAL_DOC_FRACTION=0.5,
            PHASED_TTT_PREFIX_DOCS=2, PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=256)
-FULL_RUN_LINES = ["diagnostic pre-quantization post-ema val_loss:", "Serialized model quantized+brotli:",
-                  "Total submission size quantized+brotli:", "diagnostic quantized val_loss:", "beginning TTT eval timer",
+FULL_RUN_LINES = ["diagnostic pre-quantization post-ema val_loss:", "Serialized model quantized+pergroup:",
+                  "Total submission size quantized+pergroup:", "diagnostic quantized val_loss:", "beginning TTT eval timer",
                   "ttt_phased: total_docs:", "ttpp: phase:", "tttg: c1/", "ttpr: phase:", "quantized_ttt_phased val_loss:",
                   "total_eval_time:", "eval_wall_time:"]
 
@@ -834,10 +834,10 @@ def test_e2e_full_run_logs(full_run):
     assert not missing, f"missing log lines {missing}"
     assert pos == sorted(pos), "log lines out of order"
     ptz = art / "final_model.int6.ptz"
-    model_bytes = int(re.search(r"^Serialized model quantized\+brotli: (\d+) bytes", out, re.M).group(1))
+    model_bytes = int(re.search(r"^Serialized model quantized\+pergroup: (\d+) bytes", out, re.M).group(1))
     assert model_bytes == os.path.getsize(ptz)
     code = int(re.search(r"^Code size \(compressed\): (\d+) bytes", out, re.M).group(1))
-    total = int(re.search(r"^Total submission size quantized\+brotli: (\d+) bytes", out, re.M).group(1))
+    total = int(re.search(r"^Total submission size quantized\+pergroup: (\d+) bytes", out, re.M).group(1))
     assert total == model_bytes + code
     loss, bpb = map(float, metric(out, "quantized_ttt_phased"))
     assert math.isfinite(loss) and math.isfinite(bpb) and bpb > 0
@@ -879,17 +879,19 @@ def test_e2e_resume_from_requantizes_without_training(full_run, prepared_data, t
     assert (tmp_path / "final_model.int6.ptz").read_bytes() != (art / "final_model.int6.ptz").read_bytes()
 
 
-def test_e2e_lqer_and_pergroup_requantize_and_score(full_run, prepared_data, tmp_path):
-    """LQER_ENABLED=1 COMPRESSOR=pergroup on the first run's weights: the log lists the corrected tensors, the size
-    line is the file's bytes, and the pergroup artifact is loaded (by its kind byte) and scored like the brotli one."""
+def test_e2e_lqer_and_brotli_requantize_and_score(full_run, prepared_data, tmp_path):
+    """LQER_ENABLED=1 COMPRESSOR=brotli on the first run's weights: the log lists the corrected tensors, the size
+    line is the file's bytes, and the brotli artifact is loaded (by its kind byte) and scored like the default
+    (pergroup) one, within LQER's change."""
     art, out = full_run
-    r = run_trainer(prepared_data, tmp_path, RESUME_FROM=str(art / "final_model.pt"), COMPRESSOR="pergroup",
+    assert (art / "final_model.int6.ptz").read_bytes()[:1] == b"P"  # the default run's artifact is pergroup
+    r = run_trainer(prepared_data, tmp_path, RESUME_FROM=str(art / "final_model.pt"), COMPRESSOR="brotli",
                     LQER_ENABLED=1, TTT_ENABLED=0, ARTIFACT_DIR=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert len(re.findall(r"^  gptq \(int\d\)\+lqer_asym: \S", r.stdout, re.M)) >= 1
     ptz = tmp_path / "final_model.int6.ptz"
-    assert ptz.read_bytes()[:1] == b"P"
-    size = re.search(r"^Serialized model quantized\+pergroup: (\d+) bytes", r.stdout, re.M)
+    assert ptz.read_bytes()[:1] == b"B"
+    size = re.search(r"^Serialized model quantized\+brotli: (\d+) bytes", r.stdout, re.M)
     assert int(size[1]) == ptz.stat().st_size
     loss, bpb = map(float, metric(r.stdout, "diagnostic quantized"))
     assert abs(bpb - float(metric(out, "diagnostic quantized")[1])) < 0.05
@@ -935,7 +937,7 @@ def test_e2e_eval_only_missing_artifact(prepared_data, tmp_path):
 
 
 def test_e2e_lzma_and_sliding_window(full_run, prepared_data, tmp_path):
-    """COMPRESSOR=lzma: same trained model, lossless container -> the same quantized diagnostic as the brotli run;
+    """COMPRESSOR=lzma: same trained model, lossless container -> the same quantized diagnostic as the default run's;
     SLIDING_WINDOW_ENABLED=1 logs progress and a result."""
     _, out = full_run
     r = run_trainer(prepared_data, tmp_path, COMPRESSOR="lzma", SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=128,

@@ -1,6 +1,10 @@
 """CPU tests of train_gpt.py's MODEL section: causality, document isolation under packing, the attention backends,
 the recurrence layer schedule and depth curriculum, and the default parameter count (SPEC 4)."""
+import gc
+import types
+
 import pytest
+
 import torch
 
 import train_gpt as tg
@@ -298,10 +302,19 @@ class ReferenceFA4:
         return tuple(t.to(k.dtype).contiguous() for t in (dq, dk, dv))
 
 
+def use_fa4(monkeypatch, impl):
+    """Patch _FA4 in every copy of train_gpt ever loaded: the pgolf:: ops run the functions of the copy loaded last
+    (test_bad_input loads its own), which read their own module's globals."""
+    spaces = {id(f.__globals__): f.__globals__ for f in gc.get_objects()
+              if type(f) is types.FunctionType and f.__name__ == "_fa4_call"}
+    for g in spaces.values():
+        monkeypatch.setitem(g, "_FA4", impl)
+
+
 def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch):
     """ATTN_BACKEND=fa4 goes through the pgolf::fa4_varlen custom op (forward, lse, backward op) and traces into a
     compiled graph without a break; with the reference standing in for the CuTe kernels it equals the SDPA path."""
-    monkeypatch.setattr(tg, "_FA4", ReferenceFA4)
+    use_fa4(monkeypatch, ReferenceFA4)
     tokens = [1] + [5] * 20 + [1] + [6] * 9 + [1] + [7] * 30
     T = len(tokens)
     cu = tg.cu_seqlens_for(tokens, 16, bucket=16)  # a doc split at max_len, padding entries at T
@@ -320,7 +333,7 @@ def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch
 
 def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch):
     """The model's packed path with fa4 gives the SDPA path's losses (randomised weights, a split document)."""
-    monkeypatch.setattr(tg, "_FA4", ReferenceFA4)
+    use_fa4(monkeypatch, ReferenceFA4)
     tokens = torch.tensor([1] + [5, 9, 3] * 20 + [1] + [7, 2] * 15 + [1, 4, 4, 8])
     cu = tg.cu_seqlens_for(tokens[:-1].tolist(), 32, bucket=16)
     ids, tgt = tokens[None, :-1], tokens[None, 1:]
@@ -352,7 +365,7 @@ def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
         @staticmethod
         def _flash_attn_fwd(*a, **kw):
             raise ValueError("no kernel for sm_75")
-    monkeypatch.setattr(tg, "_FA4", Broken)
+    use_fa4(monkeypatch, Broken)
     q, k, v = qkv(32)
     with pytest.raises(RuntimeError, match=r"FA4 \(flash-attn-4\) failed: ValueError: no kernel for sm_75; ATTN_BACKEND=flex runs"):
         tg.attend(q, k, v, tg.cu_seqlens_for([1] + [5] * 31, 32, bucket=16), 32, "fa4")

@@ -35,7 +35,8 @@ PATHS = {"DATA_DIR"}  # where the data lies on the user's machine: not part of a
 # configuration.
 B_CODE = dict(caseops_enabled=False, gated_attn_enabled=False, gated_attn_init_std=0.01, gated_attn_quant_gate=False,
               mlp_clip_sigmas=10.0, embed_clip_sigmas=20.0, embed_bits=8, phased_ttt_num_phases=1,
-              train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
+              train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0,
+              compressor="brotli")
 C_CODE = B_CODE  # C's curriculum variables default to off (TRAIN_LOOP_* empty, EVAL_LOOP_DEPTH = NUM_LOOPS+1)
 # D: B's lineage (no curriculum, no taper), Polar Express always on, #1767's TTT (alpha 144, warm A, TTT WD 1.0), LQER
 D_CODE = dict(B_CODE, muon_polar_express=True, ttt_weight_decay=1.0, ttt_lora_alpha=144.0, ttt_warm_start_a=True,

@@ -27,7 +27,7 @@ def test_smoke_script_end_to_end(tmp_path):
     assert "world_size:2" in out and "val_bpb:byte_sidecar:enabled" in out
     losses = [float(x) for x in re.findall(r"^\d+/\d+ train_loss: (\S+)", out, re.M)]
     assert len(losses) >= 2 and losses[-1] < losses[0], f"training did not lower the loss: {losses}"
-    keys = ["diagnostic pre-quantization post-ema val_loss:", "Total submission size quantized+brotli:",
+    keys = ["diagnostic pre-quantization post-ema val_loss:", "Total submission size quantized+pergroup:",
             "diagnostic quantized val_loss:", "ttt_phased: total_docs:", "total_eval_time:", "quantized_ttt_phased val_loss:"]
     pos = [out.find(k) for k in keys]
     assert -1 not in pos and pos == sorted(pos), f"missing or misordered lines: {dict(zip(keys, pos))}"
