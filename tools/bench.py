@@ -5,6 +5,8 @@
     python3 tools/bench.py --sections kernels   # fused MLP / CE kernels: equivalence, timing, training and TTT on vs off
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
+BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
+BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, os, re, subprocess, sys, time
 
