@@ -93,7 +93,7 @@ class Hyperparameters:
     val_loss_every: int = 4000  # in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none
     compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
-    # attention kernel: fa3, flex, varlen or sdpa (default: fa3 if importable, else flex on CUDA, sdpa on CPU)
+    # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
     eval_only: bool = False  # only score ARTIFACT (no training)
     artifact: str = ""  # artifact scored by EVAL_ONLY (default: ARTIFACT_DIR's final_model.int6.ptz)
