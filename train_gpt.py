@@ -1301,7 +1301,7 @@ class GPT(nn.Module):
 
     # banks <-> per-matrix names used by GPTQ and the artifact
     def unbanked_state_dict(self):
-        L, out = self.h.num_layers, {}
+        out = {}
         for k, v in self.state_dict().items():
             if k.endswith("_bank"):
                 continue
