@@ -212,14 +212,12 @@ def bench_attention():
     err = lambda f: " / ".join(f"{rel_err(a, b):.1e}" for a, b in zip(grads(f), ref))
     rows["flex_attention + document block mask (doc-packed, default)"] = (cuda_time_ms(fwd_bwd(flex)), "")
     tr = lambda z: z.transpose(1, 2)
-    variants = FLEX_VARIANTS + (("max-autotune", None),) if os.environ.get("BENCH_FLEX_VARIANTS", "1") == "1" else ()
-    for name, opts in variants:
+    variants = [(n, o, None) for n, o in FLEX_VARIANTS] + [("max-autotune", None, "max-autotune-no-cudagraphs")]
+    for name, opts, mode in variants if os.environ.get("BENCH_FLEX_VARIANTS", "1") == "1" else ():
         try:
-            f = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs") if opts is None else \
-                torch.compile(lambda a, b, c, bm, o=opts: flex_attention(a, b, c, block_mask=bm, enable_gqa=True,
-                                                                           kernel_options=o), dynamic=False)
-            call = (lambda f=f: tr(f(tr(q), tr(k), tr(v), block_mask=bm, enable_gqa=True))) if opts is None else \
-                (lambda f=f: tr(f(tr(q), tr(k), tr(v), bm)))
+            f = torch.compile(lambda a, b, c, m, o=opts: flex_attention(a, b, c, block_mask=m, enable_gqa=True,
+                                                                          kernel_options=o), dynamic=False, mode=mode)
+            call = lambda f=f: tr(f(tr(q), tr(k), tr(v), bm))
             rows[f"flex, {name}"] = (cuda_time_ms(fwd_bwd(call)), err(call))
         except Exception as e:  # an option this torch / GPU refuses: say so, keep going
             print(f"flex {name}: {type(e).__name__}: {str(e)[:300]}")
