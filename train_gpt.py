@@ -42,14 +42,15 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 RECORD_ENV_NOT_READ = ("PHASED_TTT_ENABLED GLOBAL_TTT_BATCH_SEQS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
                        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES TTT_OPTIMIZER TIE_EMBEDDINGS SKIP_GATES_ENABLED ROPE_YARN "
                        "ROPE_TRAIN_SEQ_LEN ATTN_OUT_GATE_ENABLED TRAIN_LOOP_DEPTH_DIST").split()
-# RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper);
-# explicit env vars win. tests/test_recipes.py checks each against the record's command line on its code defaults.
+# RECIPE=<PR>: a record's run command in one word, as its differences from our defaults (C's run with the WD taper,
+# #1855's TTT and compressor); explicit env vars win. tests/test_recipes.py checks each against the record's command
+# line on its code defaults.
 _B = dict(train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0)
-RECIPES = {"1736": dict(_B, compressor="brotli"), "1756": dict(wd_taper_final_mult=1.0, compressor="brotli"),
+_PRE_1855 = dict(compressor="brotli", ttt_lora_rank=96, ttt_lora_alpha=0.0, ttt_warm_start_a=False, ttt_beta2=0.999)
+RECIPES = {"1736": dict(_B, **_PRE_1855), "1756": dict(_PRE_1855, wd_taper_final_mult=1.0),
            "1855": dict(_B, gated_attn_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
                         smear_gate_enabled=True, muon_polar_express=True, min_lr=0.1, warmdown_frac=0.85, beta2=0.99,
                         mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, gptq_reserve_seconds=0.5, val_loss_every=0,
-                        ttt_beta2=0.99, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
                         phased_ttt_prefix_docs=2500, lqer_enabled=True)}
 
 
@@ -75,7 +76,8 @@ def parse_env(name, raw, default):
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every setting, read once from env vars by from_env() (name = the field name in capitals).
-    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729); RECIPE picks a record's."""
+    Defaults are PR #1756's run configuration except the Muon WD taper (PR #1729), PR #1855's TTT settings and
+    per-group compression (measured better here: docs/ABLATIONS.md); RECIPE picks a record's."""
 
     recipe: str = ""  # 1736, 1756 or 1855: that record's run settings become the defaults (RECIPES; from_env)
     # paths and run control
@@ -197,7 +199,7 @@ class Hyperparameters:
     ttt_enabled: bool = True  # phased TTT evaluation (the reported score)
     phased_ttt_prefix_docs: int = 2000  # documents whose scores feed the global-SGD phases
     phased_ttt_num_phases: int = 3  # global-SGD phases over the prefix documents
-    ttt_lora_rank: int = 96  # per-document LoRA rank
+    ttt_lora_rank: int = 80  # per-document LoRA rank (PR #1855; #1756: 96)
     ttt_lora_lr: float = 1e-4  # LoRA AdamW LR
     ttt_chunk_size: int = 48  # tokens scored per chunk, then trained on
     ttt_eval_seq_len: int = 2048  # TTT scoring window
@@ -205,13 +207,13 @@ class Hyperparameters:
     ttt_grad_steps: int = 1  # LoRA steps per chunk
     ttt_weight_decay: float = 0.5  # LoRA AdamW weight decay
     ttt_beta1: float = 0.0  # LoRA AdamW beta1
-    ttt_beta2: float = 0.999  # LoRA AdamW beta2
+    ttt_beta2: float = 0.99  # LoRA AdamW beta2 (PR #1855; #1756: 0.999)
     ttt_k_lora: bool = True  # LoRA on K
     ttt_mlp_lora: bool = True  # LoRA beside the MLP
     ttt_o_lora: bool = True  # LoRA beside the attention output
-    ttt_lora_alpha: float = 0.0  # adapter outputs x ALPHA/RANK (PR #1767; #1855: 144, 1.8 at rank 80); 0: unscaled
+    ttt_lora_alpha: float = 144.0  # adapter outputs x ALPHA/RANK (PR #1767, #1855: 1.8 at rank 80); 0: unscaled
     # PR #1855's warm start: a batch of the previous one's size (same phase) reuses its A; B and AdamW state reset
-    ttt_warm_start_a: bool = False
+    ttt_warm_start_a: bool = True
     val_doc_fraction: float = 1.0  # score a random subset of the val docs (quick checks only)
     global_ttt_lr: float = 0.001  # global-SGD peak LR (cosine over the phase's chunks)
     global_ttt_momentum: float = 0.9  # global-SGD momentum

@@ -27,12 +27,14 @@ V = 64  # synthetic vocabulary: 0 unused, 1 = BOS, content ids 2..63
 
 
 def tiny_h(**over):
-    """Hyperparameters of a tiny looped GPT (4 physical layers, loop 1-2, parallel lanes at 3, XSA everywhere)."""
+    """Hyperparameters of a tiny looped GPT (4 physical layers, loop 1-2, parallel lanes at 3, XSA everywhere), with
+    #1756's plain TTT (TTT_OPTS adds #1855's output scaling and warm-start A)."""
     cfg = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0, loop_start=1, loop_end=2,
                num_loops=2, parallel_start_layer=3, xsa_last_n=4, vocab_size=V, train_seq_len=64, eval_seq_len=64,
                val_batch_tokens=1 << 20, eval_stride=16, eval_loop_depth=2, compile=False, seed=0,
                ttt_eval_seq_len=64, ttt_chunk_size=8, ttt_batch_size=4, ttt_lora_rank=4, ttt_lora_lr=1e-2,
-               ttt_grad_steps=1, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.999, ttt_k_lora=True,
+               ttt_grad_steps=1, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.999, ttt_lora_alpha=0.0,
+               ttt_warm_start_a=False, ttt_k_lora=True,
                ttt_mlp_lora=True, ttt_o_lora=True, val_doc_fraction=1.0, phased_ttt_prefix_docs=0,
                phased_ttt_num_phases=1, global_ttt_lr=1e-2, global_ttt_momentum=0.9, global_ttt_epochs=1,
                global_ttt_chunk_tokens=128, global_ttt_grad_clip=1.0, rank=0, world_size=1, local_rank=0,

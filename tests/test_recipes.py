@@ -31,12 +31,12 @@ PATHS = {"DATA_DIR"}  # where the data lies on the user's machine: not part of a
 
 # The records' code defaults where they differ from ours (SPEC.md 9's Default column, SPEC_FRONTIER 8's code columns).
 # B: no depth curriculum (C's, SPEC 4.10: B switches to depth NUM_LOOPS+1 = 3 at ENABLE_LOOPING_AT and evaluates at
-# 3), no Muon WD taper (A's). Kernel choices with the same maths (FUSED_CE_ENABLED, FUSED_MLP, ATTN_BACKEND) are not
+# 3), no Muon WD taper (A's), TTT before #1767/#1855 (rank 96, no output scaling, A re-drawn, beta2 0.999). Kernel choices with the same maths (FUSED_CE_ENABLED, FUSED_MLP, ATTN_BACKEND) are not
 # configuration.
 B_CODE = dict(caseops_enabled=False, gated_attn_enabled=False, gated_attn_init_std=0.01, gated_attn_quant_gate=False,
               mlp_clip_sigmas=10.0, embed_clip_sigmas=20.0, embed_bits=8, phased_ttt_num_phases=1,
               train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0,
-              compressor="brotli")
+              compressor="brotli", ttt_lora_rank=96, ttt_lora_alpha=0.0, ttt_warm_start_a=False, ttt_beta2=0.999)
 C_CODE = B_CODE  # C's curriculum variables default to off (TRAIN_LOOP_* empty, EVAL_LOOP_DEPTH = NUM_LOOPS+1)
 # D: B's lineage (no curriculum, no taper), Polar Express always on, #1767's TTT (alpha 144, warm A, TTT WD 1.0), LQER
 D_CODE = dict(B_CODE, muon_polar_express=True, ttt_weight_decay=1.0, ttt_lora_alpha=144.0, ttt_warm_start_a=True,
