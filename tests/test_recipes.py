@@ -149,3 +149,44 @@ def test_ablation_variants_set_real_fields():
             key, raw = item.split("=", 1)
             assert key.lower() in FIELDS, f"ablate.sh variant {name}: {key} is not a setting"
             tg.parse_env(key, raw, FIELDS[key.lower()].default)
+
+
+def run_ablate(tmp_path, variants, **env):
+    """tools/ablate.sh with a stand-in python3 on PATH (inline -c snippets go to the real one): each run logs its start,
+    GPU and end, and echoes one variant setting; WORK already holds data, so nothing is prepared."""
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/bash\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
+                    'echo "start $RUN_ID ${CUDA_VISIBLE_DEVICES:-none} $(date +%s.%N)" >> "$STUB_LOG"\n'
+                    'echo "polar=${MUON_POLAR_EXPRESS:-} eval_only=${EVAL_ONLY:-}"; sleep 1\n'
+                    'echo "end $RUN_ID $(date +%s.%N)" >> "$STUB_LOG"\n')
+    stub.chmod(0o755)
+    full = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}", WORK=str(tmp_path / "work"),
+                STUB_LOG=str(tmp_path / "stub.log"), **env)
+    r = subprocess.run(["bash", os.path.join(REPO, "tools", "ablate.sh"), "corpus", "tok", str(tmp_path / "out"), "42",
+                        *variants], env=full, capture_output=True, text=True, timeout=60)
+    events = [line.split() for line in (tmp_path / "stub.log").read_text().splitlines()] if r.returncode == 0 else []
+    return r, events
+
+
+def test_ablate_parallel_runs_the_variants_at_once_round_robin_over_gpus(tmp_path):
+    r, events = run_ablate(tmp_path, ["default", "polar", "smear"], PARALLEL="1", GPUS="2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    starts = {e[1]: (e[2], float(e[3])) for e in events if e[0] == "start"}
+    ends = [float(e[2]) for e in events if e[0] == "end"]
+    assert sorted(starts) == ["ablate_default_s42", "ablate_polar_s42", "ablate_smear_s42"]
+    assert max(t for _, t in starts.values()) < min(ends)  # all three were running at the same time
+    assert sorted(g for g, _ in starts.values()) == ["0", "0", "1"]
+    assert "polar=1" in (tmp_path / "out" / "ablate_polar_s42.log").read_text()
+    assert "polar= " in (tmp_path / "out" / "ablate_default_s42.log").read_text()
+
+
+def test_ablate_runs_one_after_another_by_default_and_refuses_a_ttt_race(tmp_path):
+    r, events = run_ablate(tmp_path / "seq", ["default", "ttt_default"], ARTIFACT="")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [e[:2] for e in events] == [["start", "ablate_default_s42"], ["end", "ablate_default_s42"],
+                                       ["start", "ablate_ttt_default_s42"], ["end", "ablate_ttt_default_s42"]]
+    assert "eval_only=1" in (tmp_path / "seq" / "out" / "ablate_ttt_default_s42.log").read_text()
+    r, _ = run_ablate(tmp_path / "par", ["default", "ttt_default"], PARALLEL="1", ARTIFACT="")
+    assert r.returncode == 2 and "run ttt_* variants afterwards" in r.stdout
