@@ -275,8 +275,6 @@ def test_pack_compressors_are_self_describing():
         tg.pack_artifact(payload, "zstd")
 
 
-
-
 @pytest.mark.parametrize("compressor", ["brotli", "lzma", "pergroup"])
 def test_artifact_single_bit_flips_are_all_rejected(compressor):
     """Any one flipped bit (compressor byte, checksum or body) is a one-line DataError, never a silent decode

@@ -31,8 +31,8 @@ PATHS = {"DATA_DIR"}  # where the data lies on the user's machine: not part of a
 
 # The records' code defaults where they differ from ours (SPEC.md 9's Default column, SPEC_FRONTIER 8's code columns).
 # B: no depth curriculum (C's, SPEC 4.10: B switches to depth NUM_LOOPS+1 = 3 at ENABLE_LOOPING_AT and evaluates at
-# 3), no Muon WD taper (A's), TTT before #1767/#1855 (rank 96, no output scaling, A re-drawn, beta2 0.999). Kernel choices with the same maths (FUSED_CE_ENABLED, FUSED_MLP, ATTN_BACKEND) are not
-# configuration.
+# 3), no Muon WD taper (A's), TTT before #1767/#1855 (rank 96, no output scaling, A re-drawn, beta2 0.999). Kernel
+# choices with the same maths (FUSED_CE_ENABLED, FUSED_MLP, ATTN_BACKEND) are not configuration.
 B_CODE = dict(caseops_enabled=False, gated_attn_enabled=False, gated_attn_init_std=0.01, gated_attn_quant_gate=False,
               mlp_clip_sigmas=10.0, embed_clip_sigmas=20.0, embed_bits=8, phased_ttt_num_phases=1,
               train_loop_phase_depths=(), train_loop_prewarm_depths=(), eval_loop_depth=3, wd_taper_final_mult=1.0,

@@ -30,38 +30,36 @@ declare -A VARIANTS=(
 # 25% of the initial weights (0.9965^400). Keep the records' relative horizon instead: 1 - 1/(0.058 * STEPS).
 EMA=${EMA_DECAY:-$(python3 -c "print(round(1 - 1 / (0.058 * ${STEPS:-400}), 4))")}
 mkdir -p "$OUT" "$WORK"
-[ -d "$WORK/data" ] || python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --out "$WORK/data" \
-  --tokenizer "$TOKENIZER" \
+[ -d "$WORK/data" ] || python3 "$REPO/prepare_caseops_data.py" --docs "$CORPUS" --out "$WORK/data" --tokenizer "$TOKENIZER" \
   --val-docs 200 --workers "$(nproc)" > "$OUT/ablate_prep.log" 2>&1 || { tail -5 "$OUT/ablate_prep.log"; exit 1; }
 run() {  # run VARIANT: one training run, or one TTT scoring of ARTIFACT (ttt_*); prints its result line
-  local V=$1 NAME=ablate_${1}_s${SEED}
+  local V=$1 NAME=ablate_${1}_s${SEED} MODE KEY
   if [[ $V == ttt_* ]]; then
-    env DATA_DIR=${TTT_DATA_DIR:-$WORK/data} EVAL_ONLY=1 ARTIFACT=${ARTIFACT:-$WORK/ablate_default_s$SEED/final_model.int6.ptz} \
-      VAL_DOC_FRACTION=${VAL_DOC_FRACTION:-1} SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
-      python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
-    echo "$NAME: $(grep -E "val_set|quantized_ttt_phased|total_eval_time" "$OUT/$NAME.log" | tr '\n' ' ')"
-    return
+    MODE="DATA_DIR=${TTT_DATA_DIR:-$WORK/data} EVAL_ONLY=1 VAL_DOC_FRACTION=${VAL_DOC_FRACTION:-1}
+          ARTIFACT=${ARTIFACT:-$WORK/ablate_default_s$SEED/final_model.int6.ptz}"
+    KEY="val_set|quantized_ttt_phased|total_eval_time"
+  else
+    MODE="DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5
+          VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 EMA_DECAY=$EMA"
+    KEY="^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory"
   fi
-  env DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5 \
-    VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 EMA_DECAY=$EMA SEED=$SEED RUN_ID=$NAME \
-    ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} \
-    python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
-  echo "$NAME: $(grep -E "^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory" "$OUT/$NAME.log" | tr '\n' ' ')"
+  env $MODE SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
+  echo "$NAME: $(grep -E "$KEY" "$OUT/$NAME.log" | tr '\n' ' ')"
 }
 for V in "$@"; do
   [ -n "${VARIANTS[$V]+x}" ] || { echo "unknown variant $V (${!VARIANTS[*]})"; exit 2; }
   [[ ${PARALLEL:-0} == 1 && $V == ttt_* && " $* " == *" default "* && -z ${ARTIFACT:-} ]] &&
     { echo "PARALLEL=1: $V would score the default run's artifact before it exists; run ttt_* variants afterwards"; exit 2; }
 done
+if [ "${PARALLEL:-0}" != 1 ]; then
+  for V in "$@"; do run "$V"; done
+  exit 0
+fi
 # PARALLEL=1: all variants at once, the k-th on GPU k mod GPUS (GPUS: the visible GPUs; on one GPU they share it,
 # which costs ~8% of throughput but overlaps the compile and evaluation phases: docs/ABLATIONS.md)
 GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c ^GPU)}
 k=0
 for V in "$@"; do
-  if [ "${PARALLEL:-0}" = 1 ]; then
-    CUDA_VISIBLE_DEVICES=$((k % (GPUS > 0 ? GPUS : 1))) run "$V" & k=$((k + 1))
-  else
-    run "$V"
-  fi
+  CUDA_VISIBLE_DEVICES=$((k % (GPUS > 0 ? GPUS : 1))) run "$V" & k=$((k + 1))
 done
 wait
