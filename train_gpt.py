@@ -841,8 +841,9 @@ def _fast_attention_kernels():
     """On CUDA: FA3 (flash_attn_interface), FA4 (flash-attn-4's CuTe DSL kernels) and torch's varlen_attn (FA2),
     each where importable; the CPU runs SDPA only."""
     if not torch.cuda.is_available():
-        return None, None, None
+        return None, None, None, ""
     fa3 = fa4 = varlen = None
+    fa4_error = ""
     try:
         from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
         fa3 = flash_attn_func, flash_attn_varlen_func
@@ -850,16 +851,17 @@ def _fast_attention_kernels():
         pass
     try:
         from flash_attn.cute import interface as fa4
-    except Exception:  # not installed, or its CUDA DSL does not load here
-        pass
+    except Exception as e:  # absent (flash-attn 2 has no .cute), or installed but broken: kept, to say why it is unused
+        if getattr(e, "name", None) not in ("flash_attn", "flash_attn.cute"):
+            fa4_error = f"{type(e).__name__}: {e}"
     try:
         from torch.nn.attention.varlen import varlen_attn as varlen
     except ImportError:
         pass
-    return fa3, fa4, varlen
+    return fa3, fa4, varlen, fa4_error
 
 
-_FA3, _FA4, _VARLEN = _fast_attention_kernels()
+_FA3, _FA4, _VARLEN, _FA4_ERROR = _fast_attention_kernels()
 if _VARLEN is not None:
     _VARLEN_PARAMS = inspect.signature(_VARLEN).parameters
     _VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
@@ -951,8 +953,23 @@ def attention_backend(asked):
     default = "fa3" if _FA3 else "fa4" if _FA4 else "flex" if torch.cuda.is_available() else "sdpa"
     if asked and (asked not in ("fa3", "fa4", "flex", "varlen", "sdpa") or asked == "fa3" and not _FA3
                   or asked == "fa4" and not _FA4 or asked == "varlen" and not _VARLEN):
-        raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here; unset it for {default}")
+        raise ConfigError(f"ATTN_BACKEND={asked!r} is not available here; unset it for {default}"
+                          + (f" ({fa4_unusable()})" if asked == "fa4" and _FA4_ERROR else ""))
     return asked or default
+
+
+def kernels_line(h):
+    line = (f"attn_backend:{h.attn_backend} fused_mlp:{int(h.fused_mlp and KERNELS_ON)} "
+            f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)}")
+    fallback = _FA4_ERROR and h.attn_backend == "flex"
+    return line + (f"\nWARNING: attention runs flex, not fa4: {fa4_unusable()}" if fallback else "")
+
+
+def fa4_unusable():
+    """flash-attn-4 is installed but does not import (e.g. a CuTe DSL wheel missing): a silent fallback to flex would
+    cost a paid run ~13% of its steps."""
+    return (f"flash-attn-4 is installed but does not import: {_FA4_ERROR}; reinstall it with its CuTe DSL: "
+            "pip install 'flash-attn-4[cu13]' (CUDA 13 torch) or flash-attn-4 (CUDA 12)")
 
 
 class AttnArgs(NamedTuple):
@@ -2503,8 +2520,7 @@ def main():
         log(line)
     log(record_line("torch", torch.__version__, sys.version.split()[0], np.__version__, torch.version.cuda,
                     getattr(triton, "__version__", None)))
-    log(f"attn_backend:{h.attn_backend} fused_mlp:{int(h.fused_mlp and KERNELS_ON)} "
-        f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)}")
+    log(kernels_line(h))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(record_line("hardware", name=gpu, world_size=h.world_size))
     log(record_line("world", world_size=h.world_size, accum=h.grad_accum_steps, micro=h.micro_batch_tokens))

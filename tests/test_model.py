@@ -360,6 +360,36 @@ def test_fa4_is_the_default_after_fa3_and_refused_when_absent(monkeypatch):
         tg.attention_backend("fa4")
 
 
+@pytest.mark.parametrize("cute_init, broken", [
+    ("import cutlass.cute\n", True),  # flash-attn-4 without nvidia-cutlass-dsl-libs-core (seen on a device install)
+    (None, False),  # flash-attn 2: a flash_attn package without .cute is simply not FA4
+])
+def test_a_broken_fa4_install_is_named_not_silently_replaced_by_flex(monkeypatch, tmp_path, cute_init, broken):
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    if cute_init is not None:
+        (pkg / "cute").mkdir()
+        (pkg / "cute" / "__init__.py").write_text(cute_init)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute"):
+        monkeypatch.delitem(tg.sys.modules, name, raising=False)
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
+    fa3, fa4, varlen, error = tg._fast_attention_kernels()
+    assert fa4 is None
+    assert ("No module named 'cutlass" in error) == broken and bool(error) == broken
+    monkeypatch.setattr(tg, "_FA3", None)
+    monkeypatch.setattr(tg, "_FA4", None)
+    monkeypatch.setattr(tg, "_FA4_ERROR", error)
+    h = make_h(**{**TINY, "attn_backend": "flex"})
+    assert ("WARNING: attention runs flex, not fa4: flash-attn-4 is installed but does not import: ModuleNotFoundError"
+            in tg.kernels_line(h)) == broken
+    assert tg.kernels_line(h).startswith("attn_backend:flex fused_mlp:")
+    with pytest.raises(tg.ConfigError) as e:
+        tg.attention_backend("fa4")
+    assert ("pip install 'flash-attn-4[cu13]'" in str(e.value)) == broken
+
+
 def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
     class Broken:
         @staticmethod
