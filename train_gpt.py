@@ -968,8 +968,8 @@ def kernels_line(h):
 def fa4_unusable():
     """flash-attn-4 is installed but does not import (e.g. a CuTe DSL wheel missing): a silent fallback to flex would
     cost a paid run ~13% of its steps."""
-    return (f"flash-attn-4 is installed but does not import: {_FA4_ERROR}; reinstall it with its CuTe DSL: "
-            "pip install 'flash-attn-4[cu13]' (CUDA 13 torch) or flash-attn-4 (CUDA 12)")
+    return (f"flash-attn-4 is installed but does not import ({_FA4_ERROR}); "
+            "pip install 'flash-attn-4[cu13]' (cu12: no [cu13])")
 
 
 class AttnArgs(NamedTuple):
