@@ -372,13 +372,14 @@ def test_a_broken_fa4_install_is_named_not_silently_replaced_by_flex(monkeypatch
         (pkg / "cute").mkdir()
         (pkg / "cute" / "__init__.py").write_text(cute_init)
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute"):
+    names = ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute")
+    for name in names:
         monkeypatch.delitem(tg.sys.modules, name, raising=False)
     monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
     try:
         fa3, fa4, varlen, error = tg._fast_attention_kernels()
     finally:  # the stand-in package must not serve later imports (monkeypatch then restores any real one)
-        for name in ("flash_attn", "flash_attn.cute", "cutlass", "cutlass.cute"):
+        for name in names:
             tg.sys.modules.pop(name, None)
     assert fa4 is None
     assert ("No module named 'cutlass" in error) == broken and bool(error) == broken
