@@ -94,6 +94,8 @@ class Hyperparameters:
     train_log_every: int = 500  # train_loss line period (steps 1-5 always)
     val_loss_every: int = 4000  # in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none
     compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
+    compile_model: bool = False  # training forward+backward as one compiled graph per depth (COMPILE=1 too)
+    cuda_graphs: bool = False  # COMPILE_MODEL's graphs replayed as CUDA graphs (mode reduce-overhead)
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
@@ -1189,6 +1191,7 @@ class BlockFns(NamedTuple):
     seq: Callable
     par: Callable
     head: Callable
+    model: Callable = None  # GPT.mean_loss compiled whole (COMPILE_MODEL), for training steps
 
 
 EAGER = BlockFns(sequential_block, parallel_block, head_losses)
@@ -1197,7 +1200,13 @@ EAGER = BlockFns(sequential_block, parallel_block, head_losses)
 def compiled_block_fns(h):
     if not h.compile:
         return EAGER
-    return BlockFns(*(torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER))
+    blocks = (torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER[:3])
+    if not h.compile_model:
+        return BlockFns(*blocks)
+    model = torch.compile(GPT.mean_loss, dynamic=False, fullgraph=True, mode="reduce-overhead" if h.cuda_graphs else None)
+    if h.cuda_graphs:  # each micro-step is a new replay: earlier outputs may be overwritten (the step reads them first)
+        return BlockFns(*blocks, lambda *a: (torch.compiler.cudagraph_mark_step_begin(), model(*a))[1])
+    return BlockFns(*blocks, model)
 
 
 class Fwd(NamedTuple):
@@ -1264,15 +1273,23 @@ class GPT(nn.Module):
         dt = torch.bfloat16 if torch.is_autocast_enabled() else self.qo_bank.dtype
         return cos.to(dt), sin.to(dt), dims
 
+    def attn_args(self, ids, cu=None):
+        """The ids (padded to whole flex blocks when packed) and how every layer attends. Built outside compiled code:
+        the flex block mask is host work."""
+        h = self.h
+        if cu is not None and h.attn_backend == "flex":  # padded to whole blocks; the padding is its own segment
+            ids = F.pad(ids, (0, -ids.size(1) % FLEX_BLOCK))  # (cu's padding entries are T)
+            cu = packed_block_mask(cu, ids.size(1))
+        max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
+        return ids, AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
+
     def hidden(self, ids, fwd: Fwd, cu=None):
         """Final hidden state [B,T,d]. cu: the segments of one packed row (padded cu_seqlens); fwd: depth, block
         functions, TTT adapters and GPTQ hook."""
-        h, T, fns = self.h, ids.size(1), fwd.fns
-        if cu is not None and h.attn_backend == "flex":  # padded to whole blocks; the padding is its own segment
-            ids = F.pad(ids, (0, -T % FLEX_BLOCK))  # (cu's padding entries are T)
-            cu = packed_block_mask(cu, ids.size(1))
-        max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
-        attn = AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
+        return self.trunk(*self.attn_args(ids, cu), fwd)[:, : ids.size(1)]
+
+    def trunk(self, ids, attn: AttnArgs, fwd: Fwd):
+        h, fns = self.h, fwd.fns
         e = self.tok_emb(ids)
         x0 = rms(smear(e, ids, self.smear_gate_w, self.smear_lambda) if h.smear_gate_enabled else e)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
@@ -1298,7 +1315,7 @@ class GPT(nn.Module):
                 x = fns.seq(x, x0, ws[i], attn, lora(len(enc) + j), cap(i))
         if lane1 is not None:
             x = {"mean": 0.5 * (x + lane1), "attn": x, "mlp": lane1}[h.parallel_final_lane]
-        return x[:, :T]
+        return x
 
     def logits(self, hid, fwd: Fwd):
         if fwd.cap is not None:
@@ -1316,7 +1333,14 @@ class GPT(nn.Module):
         )
 
     def forward(self, ids, targets, fwd: Fwd, cu=None):
-        return self.token_losses(ids, targets, fwd, cu).mean()
+        """Mean training loss; with COMPILE_MODEL the forward (and so its backward) runs as one compiled graph."""
+        if fwd.fns.model is None:
+            return self.token_losses(ids, targets, fwd, cu).mean()
+        return fwd.fns.model(self, *self.attn_args(ids, cu), targets, fwd._replace(fns=EAGER))
+
+    def mean_loss(self, ids, attn, targets, fwd: Fwd):
+        hid = self.trunk(ids, attn, fwd)[:, : targets.size(1)]
+        return fwd.fns.head(hid, self.tok_emb.weight, targets, None, self.h.logit_softcap, self.h.fused_ce_enabled).mean()
 
     # banks <-> per-matrix names used by GPTQ and the artifact
     def unbanked_state_dict(self):
@@ -1489,6 +1513,13 @@ class Optimizers:
         )
         self.muon = Muon(h, banks)
         self.replicated = embed + scalars
+        self.zero_grads()
+
+    def zero_grads(self):
+        """CUDA_GRAPHS: zeroed in place, never None; AccumulateGrad would otherwise keep a replay's output as .grad,
+        which the next micro-step's replay overwrites (pytorch#96693)."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p) if self.h.cuda_graphs else None
 
     def step(self, step, frac):
         h, mult = self.h, lr_mult_at(self.h, frac)
@@ -1498,8 +1529,7 @@ class Optimizers:
             g["lr"] = g["base_lr"] * mult
         self.adam.step()
         self.muon.step(h.matrix_lr * mult, muon_momentum_at(h, step), h.muon_wd * muon_wd_mult_at(h, frac))
-        for p in self.params:
-            p.grad = None
+        self.zero_grads()
 
     def state_dict(self):
         return copy.deepcopy(self.adam.state_dict()), self.muon.state_dict()
@@ -2136,7 +2166,7 @@ def ttt_block_fns(h):
     if not h.ttt_compile:
         return EAGER
     torch.fx.experimental._config.use_duck_shape = False
-    seq, par, head = (torch.compile(f) for f in EAGER)
+    seq, par, head = (torch.compile(f) for f in EAGER[:3])
 
     def seq_fn(x, x0, w, attn, lora, cap):
         mark_block_inputs(attn, lora, x, x0)

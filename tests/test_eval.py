@@ -472,7 +472,7 @@ def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
     h = tiny_h()
     m = tiny_model(h)
     widths, rows = [], []
-    seq, par, head = tg.EAGER
+    seq, par, head = tg.EAGER[:3]
     fns = tg.BlockFns(lambda x, *a: rows.append(x.size(0)) or seq(x, *a), par,
                       lambda hid, *a: widths.append(hid.size(1)) or head(hid, *a))
     val = make_val([150, 45, 20, 9])

@@ -406,6 +406,51 @@ def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
         tg.attend(q, k, v, tg.cu_seqlens_for([1] + [5] * 31, 32, bucket=16), 32, "fa4")
 
 
+def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatch):
+    """COMPILE_MODEL: GPT.forward runs GPT.mean_loss as one graph (fullgraph: no break anywhere in the model, the
+    attention custom op included), with the block path's loss and gradients (randomised weights, depth 3, packed)."""
+    use_fa4(monkeypatch, ReferenceFA4)
+    model = tiny_model(depth=3, attn_backend="fa4").train()
+    row, _ = packed_row([40, 60, 30, 60, 66])
+    ids, tgt = row[None, :-1], row[None, 1:]
+    cu = tg.cu_seqlens_for(ids[0].numpy(), 64, bucket=8)
+
+    def loss_and_grads(fns):
+        model.zero_grad()
+        loss = model(ids, tgt, tg.Fwd(3, fns), cu)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want_loss, want = loss_and_grads(tg.EAGER)
+    whole = torch.compile(tg.GPT.mean_loss, backend="aot_eager", fullgraph=True, dynamic=False)
+    calls = []
+    counted = lambda *a: calls.append(1) or whole(*a)
+    loss, grads = loss_and_grads(tg.BlockFns(*tg.EAGER[:3], counted))
+    assert calls == [1]  # the whole forward went through the one compiled function
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads, want):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cuda_graphs_keep_gradients_as_tensors_accumulated_in_place():
+    """CUDA_GRAPHS: a graph output kept as .grad would be overwritten by the next micro-step's replay
+    (pytorch#96693), so .grad is a zero tensor before every step and each backward adds into that same tensor."""
+    model = tiny_model(depth=1, cuda_graphs=True).train()
+    opt = tg.Optimizers(model.h, model)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        held = [p.grad for p in model.parameters()]
+        assert all(g is not None and g.abs().sum() == 0 for g in held)
+        for _ in range(2):
+            model(ids[:, :-1], ids[:, 1:], tg.Fwd(1)).backward()
+        assert all(p.grad is g for p, g in zip(model.parameters(), held))
+        opt.step(0, 0.0)
+    model = tiny_model(depth=1).train()
+    tg.Optimizers(model.h, model)
+    assert all(p.grad is None for p in model.parameters())  # without CUDA graphs: no zero tensors to add into
+
+
 def packed_docs(lens):
     return [t for i, n in enumerate(lens) for t in [1] + [2 + i % 7] * (n - 1)]
 

@@ -6,7 +6,8 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
+BENCH_COMPILE_MODES=blocks,model,cudagraphs and BENCH_MICRO=49152,98304 widen the training rows (default: blocks, one GPU's
+share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, os, re, subprocess, sys, time
 
@@ -63,41 +64,93 @@ def one_gpu_h(tg, **over):
     return tg.Hyperparameters.from_env(**{"grad_accum_steps": 1, "train_batch_tokens": full.train_batch_tokens // 8, **over})
 
 
+COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
+    "blocks": {},  # each block function its own graph, Python glue between them (COMPILE=1)
+    "model": {"compile_model": True},  # the whole forward+backward one graph per depth (COMPILE_MODEL=1)
+    "cudagraphs": {"compile_model": True, "cuda_graphs": True},  # and replayed as CUDA graphs (CUDA_GRAPHS=1)
+}
+
+
+def accumulated_grads(tg, model, opt, fwd, batches):
+    """Gradients of the micro-steps accumulated as a training step does, taken from a second pass (the first compiles
+    or records a CUDA graph: its seconds are returned), then cleared."""
+    first_s = 0.0
+    for rep in range(2):
+        t0 = time.perf_counter()
+        opt.zero_grads()
+        for x, y, cu in batches:
+            with tg.autocast(x.device):
+                loss = model(x[None], y[None], fwd, cu)
+            loss.backward()
+        torch.cuda.synchronize()
+        first_s = first_s or time.perf_counter() - t0
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grads()
+    return grads, first_s
+
+
+def env_list(key, default):
+    return os.environ[key].split(",") if os.environ.get(key) else default
+
+
 def bench_training(tg, steps, peak):
-    rows = []
-    backends = os.environ.get("BENCH_BACKENDS", "").split(",") if os.environ.get("BENCH_BACKENDS") else \
-        [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("flex", True), ("varlen", tg._VARLEN)) if ok]
+    """Compiled training step (forward, backward, optimizer) per attention backend, compile mode (BENCH_COMPILE_MODES),
+    micro-batch (BENCH_MICRO, default one GPU's share of the record step) and recurrence depth (BENCH_DEPTHS). host ms:
+    the Python time to issue one step without waiting for the GPU; near the step time, the step is launch-bound."""
+    rows, ref_grads = [], {}
+    backends = env_list("BENCH_BACKENDS", [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("flex", True),
+                                                           ("varlen", tg._VARLEN)) if ok])
     for backend in backends:
-        torch._dynamo.reset()  # each backend's cu type: start from empty compile caches
-        h = one_gpu_h(tg, attn_backend=backend)
-        dev = torch.device("cuda")
-        model, fns = tg.build_model(h, dev), tg.compiled_block_fns(h)
-        opt = tg.Optimizers(h, model)
-        T = h.micro_batch_tokens
-        toks = synthetic_docs(T, h.vocab_size).cuda()
-        x, y = toks[:-1], toks[1:]
-        cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()
-        for depth in sorted({d for _, d in h.depth_schedule} | {1}):
-            fwd = tg.Fwd(depth, fns)
-            t0 = time.perf_counter()
+        for mode in env_list("BENCH_COMPILE_MODES", ["blocks"]):
+            for micro in env_list("BENCH_MICRO", [""]):
+                torch._dynamo.reset()  # each backend's cu type and each mode: start from empty compile caches
+                try:
+                    rows += bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads)
+                except Exception as e:  # one mode failing (e.g. CUDA graph capture) leaves the others' rows
+                    print(f"bench_training {backend} {mode} {micro}: {type(e).__name__}: {e}", flush=True)
+                torch.cuda.empty_cache()
+    return rows
 
-            def step():
-                with tg.autocast(dev):
-                    loss = model(x[None], y[None], fwd, cu)
-                loss.backward()
-                opt.step(0, 0.0)
 
+def bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads):
+    over = {"train_batch_tokens": int(micro) * 8} if micro else {}
+    h = one_gpu_h(tg, attn_backend=backend, **COMPILE_MODES[mode], **over)
+    dev, rows = torch.device("cuda"), []
+    torch.manual_seed(0)
+    model, fns = random_banks(tg.build_model(h, dev)), tg.compiled_block_fns(h)
+    opt = tg.Optimizers(h, model)
+    T = h.micro_batch_tokens
+    toks = [synthetic_docs(T, h.vocab_size, seed=s) for s in (0, 1)]
+    batches = [(t[:-1].cuda(), t[1:].cuda(), tg.cu_seqlens_for(t[:-1].numpy(), h.train_seq_len).cuda()) for t in toks]
+    x, y, cu = batches[0]
+    for depth in [int(d) for d in env_list("BENCH_DEPTHS", sorted({d for _, d in h.depth_schedule} | {1}))]:
+        fwd = tg.Fwd(depth, fns)
+        grads, compile_s = accumulated_grads(tg, model, opt, fwd, batches)  # no step yet: same weights in every mode
+        grad_err = max(rel_err(a, b) for a, b in zip(grads, ref_grads.setdefault((backend, T, depth), grads)))
+
+        def step():
+            with tg.autocast(dev):
+                loss = model(x[None], y[None], fwd, cu)
+            loss.backward()
+            opt.step(0, 0.0)
+
+        for _ in range(3):
             step()
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            torch.cuda.reset_peak_memory_stats()
-            ms = cuda_time_ms(step, iters=steps)
-            fpt = model_flops_per_token(tg, h, depth, cu, T)
-            tps = T / ms * 1000
-            rows.append(dict(attn=backend, depth=depth, step_ms=ms, tok_s=tps, flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
-                             mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
-        del model, opt
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time_ms(step, iters=steps)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        host_ms = (time.perf_counter() - t0) * 1000 / 3  # the queue may fill: a lower bound on launch cost
+        torch.cuda.synchronize()
+        fpt = model_flops_per_token(tg, h, depth, cu, T)
+        tps = T / ms * 1000
+        rows.append(dict(attn=backend, mode=mode, micro=T, depth=depth, step_ms=ms, host_ms=host_ms, tok_s=tps,
+                         grad_err=grad_err, flops_tok=fpt, mfu=fpt * tps / (peak * 1e12),
+                         mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -513,10 +566,11 @@ def main():
              ]
     sections = args.sections.split(",")
     if "train" in sections:
-        lines += ["| attention | recurrence depth | step ms (98,304 tok) | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| attention | compile | micro-batch | recurrence depth | step ms | host ms | tok/s per GPU | GFLOP/token | MFU | peak mem GiB | first step (compile) s | grad rel. error vs first mode |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in bench_training(tg, args.steps, peak):
-            lines.append(f"| {r['attn']} | {r['depth']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} |")
+            lines.append(f"| {r['attn']} | {r['mode']} | {r['micro']:,} | {r['depth']} | {r['step_ms']:.1f} | {r['host_ms']:.1f} | {r['tok_s']:,.0f} | "
+                         f"{r['flops_tok'] / 1e9:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.1f} | {r['compile_s']:.0f} | {r['grad_err']:.1e} |")
     if "attention" in sections:
         lines += ["", "| attention (98,304 tokens, 8 q / 4 kv heads, d64) | fwd+bwd ms | rel. error vs flex: out / dq / dk / dv |",
                   "|---|---|---|"]
