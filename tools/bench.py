@@ -13,6 +13,7 @@ import argparse, datetime, os, re, subprocess, sys, time
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -68,6 +69,7 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     "blocks": {},  # each block function its own graph, Python glue between them (COMPILE=1)
     "model": {"compile_model": True},  # the whole forward+backward one graph per depth (COMPILE_MODEL=1)
     "cudagraphs": {"compile_model": True, "cuda_graphs": True},  # and replayed as CUDA graphs (CUDA_GRAPHS=1)
+    "model_cdt": {"compile_model": True, "inductor": {"coordinate_descent_tuning": True}},  # Inductor tunes its kernels
 }
 
 
@@ -114,7 +116,12 @@ def bench_training(tg, steps, peak):
 
 def bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads):
     over = {"train_batch_tokens": int(micro) * 8} if micro else {}
-    h = one_gpu_h(tg, attn_backend=backend, **COMPILE_MODES[mode], **over)
+    over.update(COMPILE_MODES[mode])
+    with torch._inductor.config.patch(over.pop("inductor", {})):
+        return bench_training_run(tg, steps, peak, backend, mode, one_gpu_h(tg, attn_backend=backend, **over), ref_grads)
+
+
+def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
     dev, rows = torch.device("cuda"), []
     torch.manual_seed(0)
     model, fns = random_banks(tg.build_model(h, dev)), tg.compiled_block_fns(h)
@@ -123,8 +130,10 @@ def bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads):
     toks = [synthetic_docs(T, h.vocab_size, seed=s) for s in (0, 1)]
     batches = [(t[:-1].cuda(), t[1:].cuda(), tg.cu_seqlens_for(t[:-1].numpy(), h.train_seq_len).cuda()) for t in toks]
     x, y, cu = batches[0]
+    init = {k: v.clone() for k, v in model.state_dict().items()}
     for depth in [int(d) for d in env_list("BENCH_DEPTHS", sorted({d for _, d in h.depth_schedule} | {1}))]:
         fwd = tg.Fwd(depth, fns)
+        model.load_state_dict(init)
         grads, compile_s = accumulated_grads(tg, model, opt, fwd, batches)  # no step yet: same weights in every mode
         grad_err = max(rel_err(a, b) for a, b in zip(grads, ref_grads.setdefault((backend, T, depth), grads)))
 
