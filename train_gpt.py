@@ -94,8 +94,7 @@ class Hyperparameters:
     train_log_every: int = 500  # train_loss line period (steps 1-5 always)
     val_loss_every: int = 4000  # in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none
     compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
-    compile_model: bool = False  # training forward+backward as one compiled graph per depth (COMPILE=1 too)
-    cuda_graphs: bool = False  # COMPILE_MODEL's graphs replayed as CUDA graphs (mode reduce-overhead)
+    compile_model: bool = torch.cuda.is_available()  # with COMPILE: a training step's forward+backward as one graph
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
@@ -1201,12 +1200,7 @@ def compiled_block_fns(h):
     if not h.compile:
         return EAGER
     blocks = (torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER[:3])
-    if not h.compile_model:
-        return BlockFns(*blocks)
-    model = torch.compile(GPT.mean_loss, dynamic=False, fullgraph=True, mode="reduce-overhead" if h.cuda_graphs else None)
-    if h.cuda_graphs:  # each micro-step is a new replay: earlier outputs may be overwritten (the step reads them first)
-        return BlockFns(*blocks, lambda *a: (torch.compiler.cudagraph_mark_step_begin(), model(*a))[1])
-    return BlockFns(*blocks, model)
+    return BlockFns(*blocks, torch.compile(GPT.mean_loss, dynamic=False, fullgraph=True) if h.compile_model else None)
 
 
 class Fwd(NamedTuple):
@@ -1513,13 +1507,6 @@ class Optimizers:
         )
         self.muon = Muon(h, banks)
         self.replicated = embed + scalars
-        self.zero_grads()
-
-    def zero_grads(self):
-        """CUDA_GRAPHS: zeroed in place, never None; AccumulateGrad would otherwise keep a replay's output as .grad,
-        which the next micro-step's replay overwrites (pytorch#96693)."""
-        for p in self.params:
-            p.grad = torch.zeros_like(p) if self.h.cuda_graphs else None
 
     def step(self, step, frac):
         h, mult = self.h, lr_mult_at(self.h, frac)
@@ -1529,7 +1516,8 @@ class Optimizers:
             g["lr"] = g["base_lr"] * mult
         self.adam.step()
         self.muon.step(h.matrix_lr * mult, muon_momentum_at(h, step), h.muon_wd * muon_wd_mult_at(h, frac))
-        self.zero_grads()
+        for p in self.params:
+            p.grad = None
 
     def state_dict(self):
         return copy.deepcopy(self.adam.state_dict()), self.muon.state_dict()

@@ -433,24 +433,6 @@ def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatc
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_cuda_graphs_keep_gradients_as_tensors_accumulated_in_place():
-    """CUDA_GRAPHS: a graph output kept as .grad would be overwritten by the next micro-step's replay
-    (pytorch#96693), so .grad is a zero tensor before every step and each backward adds into that same tensor."""
-    model = tiny_model(depth=1, cuda_graphs=True).train()
-    opt = tg.Optimizers(model.h, model)
-    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(3))
-    for _ in range(2):
-        held = [p.grad for p in model.parameters()]
-        assert all(g is not None and g.abs().sum() == 0 for g in held)
-        for _ in range(2):
-            model(ids[:, :-1], ids[:, 1:], tg.Fwd(1)).backward()
-        assert all(p.grad is g for p, g in zip(model.parameters(), held))
-        opt.step(0, 0.0)
-    model = tiny_model(depth=1).train()
-    tg.Optimizers(model.h, model)
-    assert all(p.grad is None for p in model.parameters())  # without CUDA graphs: no zero tensors to add into
-
-
 def packed_docs(lens):
     return [t for i, n in enumerate(lens) for t in [1] + [2 + i % 7] * (n - 1)]
 

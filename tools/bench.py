@@ -6,7 +6,7 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_COMPILE_MODES=blocks,model,cudagraphs and BENCH_MICRO=49152,98304 widen the training rows (default: blocks, one GPU's
+BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, os, re, subprocess, sys, time
@@ -66,20 +66,19 @@ def one_gpu_h(tg, **over):
 
 
 COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
-    "blocks": {},  # each block function its own graph, Python glue between them (COMPILE=1)
-    "model": {"compile_model": True},  # the whole forward+backward one graph per depth (COMPILE_MODEL=1)
-    "cudagraphs": {"compile_model": True, "cuda_graphs": True},  # and replayed as CUDA graphs (CUDA_GRAPHS=1)
+    "blocks": {"compile_model": False},  # each block function its own graph, Python glue between them (COMPILE_MODEL=0)
+    "model": {"compile_model": True},  # the whole forward+backward one graph per depth (the default)
     "model_cdt": {"compile_model": True, "inductor": {"coordinate_descent_tuning": True}},  # Inductor tunes its kernels
 }
 
 
-def accumulated_grads(tg, model, opt, fwd, batches):
-    """Gradients of the micro-steps accumulated as a training step does, taken from a second pass (the first compiles
-    or records a CUDA graph: its seconds are returned), then cleared."""
+def accumulated_grads(tg, model, fwd, batches):
+    """Gradients of the micro-steps accumulated as a training step does, taken from a second pass (the first compiles:
+    its seconds are returned), then cleared."""
     first_s = 0.0
     for rep in range(2):
         t0 = time.perf_counter()
-        opt.zero_grads()
+        model.zero_grad(set_to_none=True)
         for x, y, cu in batches:
             with tg.autocast(x.device):
                 loss = model(x[None], y[None], fwd, cu)
@@ -87,7 +86,7 @@ def accumulated_grads(tg, model, opt, fwd, batches):
         torch.cuda.synchronize()
         first_s = first_s or time.perf_counter() - t0
     grads = [p.grad.clone() for p in model.parameters()]
-    opt.zero_grads()
+    model.zero_grad(set_to_none=True)
     return grads, first_s
 
 
@@ -103,19 +102,19 @@ def bench_training(tg, steps, peak):
     backends = env_list("BENCH_BACKENDS", [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("flex", True),
                                                            ("varlen", tg._VARLEN)) if ok])
     for backend in backends:
-        for mode in env_list("BENCH_COMPILE_MODES", ["blocks"]):
+        for mode in env_list("BENCH_COMPILE_MODES", ["model"]):
             for micro in env_list("BENCH_MICRO", [""]):
                 torch._dynamo.reset()  # each backend's cu type and each mode: start from empty compile caches
                 try:
                     rows += bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads)
-                except Exception as e:  # one mode failing (e.g. CUDA graph capture) leaves the others' rows
+                except Exception as e:  # one mode failing (e.g. out of memory) leaves the others' rows
                     print(f"bench_training {backend} {mode} {micro}: {type(e).__name__}: {e}", flush=True)
                 torch.cuda.empty_cache()
     return rows
 
 
 def bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads):
-    over = {"train_batch_tokens": int(micro) * 8} if micro else {}
+    over = {"train_batch_tokens": int(micro)} if micro else {}
     over.update(COMPILE_MODES[mode])
     with torch._inductor.config.patch(over.pop("inductor", {})):
         return bench_training_run(tg, steps, peak, backend, mode, one_gpu_h(tg, attn_backend=backend, **over), ref_grads)
@@ -134,7 +133,7 @@ def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
     for depth in [int(d) for d in env_list("BENCH_DEPTHS", sorted({d for _, d in h.depth_schedule} | {1}))]:
         fwd = tg.Fwd(depth, fns)
         model.load_state_dict(init)
-        grads, compile_s = accumulated_grads(tg, model, opt, fwd, batches)  # no step yet: same weights in every mode
+        grads, compile_s = accumulated_grads(tg, model, fwd, batches)  # no step yet: same weights in every mode
         grad_err = max(rel_err(a, b) for a, b in zip(grads, ref_grads.setdefault((backend, T, depth), grads)))
 
         def step():
