@@ -96,6 +96,7 @@ class Hyperparameters:
     compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
     compile_model: bool = torch.cuda.is_available()  # with COMPILE: a training step's forward+backward as one graph
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
+    ttt_compile_model: bool = False  # with TTT_COMPILE: the TTT forward+backward as one graph (not yet timed on a GPU)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
     eval_only: bool = False  # only score ARTIFACT (no training)
@@ -1190,7 +1191,7 @@ class BlockFns(NamedTuple):
     seq: Callable
     par: Callable
     head: Callable
-    model: Callable = None  # GPT.mean_loss compiled whole (COMPILE_MODEL), for training steps
+    model: Callable = None  # GPT.losses compiled whole, for training steps (COMPILE_MODEL) or TTT (TTT_COMPILE_MODEL)
 
 
 EAGER = BlockFns(sequential_block, parallel_block, head_losses)
@@ -1200,7 +1201,7 @@ def compiled_block_fns(h):
     if not h.compile:
         return EAGER
     blocks = (torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER[:3])
-    return BlockFns(*blocks, torch.compile(GPT.mean_loss, dynamic=False, fullgraph=True) if h.compile_model else None)
+    return BlockFns(*blocks, torch.compile(GPT.losses, dynamic=False, fullgraph=True) if h.compile_model else None)
 
 
 class Fwd(NamedTuple):
@@ -1287,7 +1288,7 @@ class GPT(nn.Module):
         e = self.tok_emb(ids)
         x0 = rms(smear(e, ids, self.smear_gate_w, self.smear_lambda) if h.smear_gate_enabled else e)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
-        if fwd.loras:  # every layer's input then requires grad, so layer 0 shares the other layers' graph
+        if fwd.loras and fns is not EAGER:  # every block input then requires grad: layer 0 shares the others' graph
             x.requires_grad_()
         lora = lambda slot: fwd.loras and fwd.loras[slot]
         cap = lambda i: fwd.cap and _named(fwd.cap, i)
@@ -1316,25 +1317,27 @@ class GPT(nn.Module):
             fwd.cap("tok_emb.weight", rms(hid))
         return softcap_logits(hid, self.tok_emb.weight, fwd.head_lora, self.h.logit_softcap)
 
-    def token_losses(self, ids, targets, fwd: Fwd, cu=None, cols=None):
-        """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax; cols [B,C]: only those columns (TTT scores
-        48 of up to 2048 per row, so the vocabulary projection runs on the chunk alone)."""
-        hid = self.hidden(ids, fwd, cu)
+    def losses(self, ids, attn: AttnArgs, targets, fwd: Fwd, cols=None):
+        """Per-target NLL [B,T] in fp32 from a full-vocabulary softmax, ids and attn from attn_args; cols [B,C]: only
+        those columns (TTT scores 48 of up to 2048 per row, so the vocabulary projection runs on the chunk alone)."""
+        hid = self.trunk(ids, attn, fwd)[:, : targets.size(1)]
         if cols is not None:
             hid, targets = hid.gather(1, cols[..., None].expand(-1, -1, hid.size(-1))), targets.gather(1, cols)
         return fwd.fns.head(
             hid, self.tok_emb.weight, targets, fwd.head_lora, self.h.logit_softcap, self.h.fused_ce_enabled
         )
 
+    def token_losses(self, ids, targets, fwd: Fwd, cu=None, cols=None):
+        """losses() through the caller's block functions (eager, or one compiled graph per block function)."""
+        return self.losses(*self.attn_args(ids, cu), targets, fwd, cols)
+
+    def whole(self, ids, targets, fwd: Fwd, cu=None, cols=None):
+        """losses() as one compiled graph, fwd.fns.model (COMPILE_MODEL: training steps; TTT_COMPILE_MODEL: TTT)."""
+        return fwd.fns.model(self, *self.attn_args(ids, cu), targets, fwd._replace(fns=EAGER), cols)
+
     def forward(self, ids, targets, fwd: Fwd, cu=None):
         """Mean training loss; with COMPILE_MODEL the forward (and so its backward) runs as one compiled graph."""
-        if fwd.fns.model is None:
-            return self.token_losses(ids, targets, fwd, cu).mean()
-        return fwd.fns.model(self, *self.attn_args(ids, cu), targets, fwd._replace(fns=EAGER))
-
-    def mean_loss(self, ids, attn, targets, fwd: Fwd):
-        hid = self.trunk(ids, attn, fwd)[:, : targets.size(1)]
-        return fwd.fns.head(hid, self.tok_emb.weight, targets, None, self.h.logit_softcap, self.h.fused_ce_enabled).mean()
+        return (self.token_losses if fwd.fns.model is None else self.whole)(ids, targets, fwd, cu).mean()
 
     # banks <-> per-matrix names used by GPTQ and the artifact
     def unbanked_state_dict(self):
@@ -2168,7 +2171,16 @@ def ttt_block_fns(h):
         mark_rows((0,), hid, targets, *(head_lora or ())[:2])
         return head(hid, emb, targets, head_lora, softcap, fused)
 
-    return BlockFns(seq_fn, par_fn, head_fn)
+    if not h.ttt_compile_model:
+        return BlockFns(seq_fn, par_fn, head_fn)
+    whole = torch.compile(GPT.losses, fullgraph=True)
+
+    def whole_fn(model, ids, attn, targets, fwd, cols):
+        mark_block_inputs(attn, None, ids, targets)
+        mark_rows((0,), cols, *fwd.head_lora[:2], *(t for lora in fwd.loras for ab in lora if ab is not None for t in ab[:2]))
+        return whole(model, ids, attn, targets, fwd, cols)
+
+    return BlockFns(seq_fn, par_fn, head_fn, whole_fn)
 
 
 def new_adapters(h, model, bsz, device, gen, keep=None):
@@ -2242,7 +2254,8 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
                 (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
             )
             with autocast(device):
-                loss = model.token_losses(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
+                run = model.token_losses if fns.model is None else model.whole
+                loss = run(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
             if step == 0:
                 with torch.no_grad():
                     m = scored.double()

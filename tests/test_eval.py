@@ -518,6 +518,31 @@ def test_compiled_ttt_one_graph_per_function_and_eager_scores():
     assert tg.compiled_graphs() == g0
 
 
+def test_whole_model_ttt_is_one_graph_for_every_batch_and_scores_as_eager(monkeypatch):
+    """TTT_COMPILE_MODEL: the TTT forward (and its backward) is one graph with rows and width symbolic. The warm-up
+    compiles it, later batches of other sizes and widths and a lone long document compile nothing more, and the
+    scores equal the eager loop's. aot_eager stands in for Inductor: what is checked is the tracing (fullgraph, no
+    break), the symbolic shapes and the scores; Inductor's code generation is torch's. #1855's TTT options on."""
+    opts = dict(ttt_lora_alpha=6.0, ttt_warm_start_a=True)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compile_(f, backend="aot_eager", **kw))
+    h = tiny_h(**opts)
+    eager = tiny_model(h)
+    m, fns = copy.deepcopy(eager), tg.ttt_block_fns(tiny_h(ttt_compile=True, ttt_compile_model=True, **opts))
+    lines = []
+    tg.ttt_warmup(h, m, fns, CPU, lines.append)
+    assert lines[-1].endswith(", 1 graphs)"), lines[-1]
+    g0 = tg.compiled_graphs()
+    val = make_val([150, 45, 20, 9, 33, 70, 12, 100])
+    docs = tg.find_docs(val.tokens)
+    for batch in (docs[:4], docs[4:7], docs[7:]):
+        _, got = run_batch(m, h, val.tokens, val.bytes, batch, fns=fns)
+        _, want = run_batch(eager, h, val.tokens, val.bytes, batch)
+        for d in batch:
+            torch.testing.assert_close(torch.cat(got[d.start]), torch.cat(want[d.start]), atol=1e-5, rtol=1e-5)
+    assert tg.compiled_graphs() == g0
+
+
 # ----------------------------------------------------------------------------- 2. causality across documents
 
 

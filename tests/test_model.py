@@ -407,7 +407,7 @@ def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
 
 
 def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatch):
-    """COMPILE_MODEL: GPT.forward runs GPT.mean_loss as one graph (fullgraph: no break anywhere in the model, the
+    """COMPILE_MODEL: GPT.forward runs GPT.losses as one graph (fullgraph: no break anywhere in the model, the
     attention custom op included), with the block path's loss and gradients (randomised weights, depth 3, packed)."""
     use_fa4(monkeypatch, ReferenceFA4)
     model = tiny_model(depth=3, attn_backend="fa4").train()
@@ -422,7 +422,7 @@ def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatc
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     want_loss, want = loss_and_grads(tg.EAGER)
-    whole = torch.compile(tg.GPT.mean_loss, backend="aot_eager", fullgraph=True, dynamic=False)
+    whole = torch.compile(tg.GPT.losses, backend="aot_eager", fullgraph=True, dynamic=False)
     calls = []
     counted = lambda *a: calls.append(1) or whole(*a)
     loss, grads = loss_and_grads(tg.BlockFns(*tg.EAGER[:3], counted))

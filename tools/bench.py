@@ -6,7 +6,7 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
+BENCH_TTT_MODES=eager,compiled,whole picks the TTT loop modes; BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, os, re, subprocess, sys, time
@@ -299,21 +299,31 @@ def bench_attention():
     return rows
 
 
+TTT_MODES = {  # BENCH_TTT_MODES: how the TTT loop runs
+    "eager": {"ttt_compile": False},
+    "compiled": {"ttt_compile": True},  # one graph per block function (the default)
+    "whole": {"ttt_compile": True, "ttt_compile_model": True},  # the whole model one graph (TTT_COMPILE_MODEL=1)
+}
+TTT_WORK = (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000),
+            ("1 doc x 20,000 tokens (a long document's serial tail)", 1, 20000))
+
+
 def bench_ttt(tg):
     """Phased-TTT inner loop (score + LoRA step per 48-token chunk) at the eval depth on random weights: row tokens/s
-    per GPU, eager vs compiled, on 64 short docs (FineWeb-like) and 16 long ones (rows at the 2,048 window)."""
+    per GPU and ms per chunk step, per mode (BENCH_TTT_MODES), on 64 short docs (FineWeb-like), 16 long ones (rows at
+    the 2,048 window) and one long document alone (one live row plus its padding row: latency-bound)."""
     dev = torch.device("cuda")
     rows = []
-    for compiled in (False, True):
-        h = tg.Hyperparameters.from_env(ttt_compile=compiled)
+    for mode in env_list("BENCH_TTT_MODES", list(TTT_MODES)):
+        h = tg.Hyperparameters.from_env(**TTT_MODES[mode])
         model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
         model.requires_grad_(False)
         warm = "-"
-        if compiled:
+        if h.ttt_compile:
             t0, g0 = time.perf_counter(), tg.compiled_graphs()
             tg.ttt_warmup(h, model, fns, dev, lambda msg: None)
             warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
-        for name, n, length in (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000)):
+        for name, n, length in TTT_WORK:
             toks = synthetic_docs(n * length, h.vocab_size, mean_doc=10**9).cuda()
             toks[::length] = tg.BOS_ID
             docs = [tg.Doc(i * length, length + 1) for i in range(n)]
@@ -324,8 +334,10 @@ def bench_ttt(tg):
             sums = tg.ttt_batch(h, model, fns, toks, torch.ones_like(toks), docs, dev, gen)
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
-            rows.append(dict(mode="compiled" if compiled else "eager", work=name, s=t, row_tok_s=sums[3].item() / t,
-                             target_tok_s=sums[1].item() / t, warm=warm, new_graphs=tg.compiled_graphs() - g0))
+            rows.append(dict(mode=mode, work=name, s=t, row_tok_s=sums[3].item() / t, target_tok_s=sums[1].item() / t,
+                             chunk_ms=1000 * t / -(-length // h.ttt_chunk_size), warm=warm,
+                             new_graphs=tg.compiled_graphs() - g0))
+            print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
     return rows
@@ -592,8 +604,8 @@ def main():
             emit([""] + part(), args.out)
     if "ttt" in sections:
         lines = ["", f"| TTT loop (depth {tg.Hyperparameters.from_env().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
-                 "scored tok/s per GPU | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
+                 "scored tok/s per GPU | ms per chunk step | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['chunk_ms']:.1f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
         emit(lines, args.out)
     if args.e2e_docs:
         import gc
