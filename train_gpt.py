@@ -2436,7 +2436,11 @@ def warmup(h, model, opt, device, log, fns):
     t0 = time.perf_counter()
     for s in range(h.warmup_steps):
         depth = depths[s % len(depths)]
-        training_step(h, model, opt, loader, device, s, 0.0, Fwd(depth, fns))
+        try:
+            training_step(h, model, opt, loader, device, s, 0.0, Fwd(depth, fns))
+        except torch._dynamo.exc.TorchDynamoException as e:  # a torch build that cannot compile the graph: say the way out
+            raise RuntimeError(f"torch.compile failed in the warm-up ({type(e).__name__}); COMPILE_MODEL=0 compiles "
+                               "one graph per block function instead, COMPILE=0 runs eagerly") from e
         if s < 6 or s + 1 in (10, h.warmup_steps):
             sync(device)
             log(f"warmup_step: {s + 1}/{h.warmup_steps} depth:{depth} t:{time.perf_counter() - t0:.1f}s")
@@ -2511,8 +2515,12 @@ def evaluate_artifact(h, device, log, val, path, t_start, fns):
     if not h.ttt_enabled:
         return
     ttt_fns = ttt_block_fns(h)
-    if h.ttt_compile:
-        ttt_warmup(h, model, ttt_fns, device, log)
+    try:
+        if h.ttt_compile:
+            ttt_warmup(h, model, ttt_fns, device, log)
+    except torch._dynamo.exc.TorchDynamoException as e:  # after training: the saved artifact need not be lost
+        raise RuntimeError(f"torch.compile failed in the TTT warm-up ({type(e).__name__}); EVAL_ONLY=1 ARTIFACT={path} "
+                           "scores the saved artifact, with TTT_COMPILE_MODEL=0 (per-block graphs) or TTT_COMPILE=0") from e
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()

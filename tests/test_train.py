@@ -523,6 +523,21 @@ def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
         assert torch.equal(a, b), k
 
 
+def test_a_compile_failure_in_the_warm_up_names_the_way_out(prepared_data):
+    """A torch build that cannot compile the whole-model graph fails in the warm-up, before the timer, with the
+    settings that run without it, not only a traceback from deep in torch."""
+    cpu = torch.device("cpu")
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN)
+    model = tg.build_model(h, cpu)
+
+    def cannot_compile(*a):
+        raise torch._dynamo.exc.TorchDynamoException("an op this torch cannot trace")
+
+    fns = tg.BlockFns(*tg.EAGER[:3], cannot_compile)
+    with pytest.raises(RuntimeError, match=r"warm-up \(TorchDynamoException\); COMPILE_MODEL=0 compiles one graph per"):
+        tg.warmup(h, model, tg.Optimizers(h, model), cpu, lambda msg: None, fns)
+
+
 class FixedBatches:
     """The first training batch of the shards, every time."""
 
