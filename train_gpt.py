@@ -2227,6 +2227,7 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
     pred = torch.tensor([d.length - 1 for d in docs])
     n_chunks = (pred + C - 1) // C
     loras, head, opt = new_adapters(h, model, len(docs), device, gen, keep)
+    run = model.token_losses if fns.model is None else model.whole
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
     for c in range(int(n_chunks.max())):
         rows = torch.nonzero(n_chunks > c).flatten()
@@ -2254,7 +2255,6 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
                 (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
             )
             with autocast(device):
-                run = model.token_losses if fns.model is None else model.whole
                 loss = run(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
             if step == 0:
                 with torch.no_grad():

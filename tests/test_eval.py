@@ -516,12 +516,17 @@ def test_compiled_ttt_one_graph_per_function_and_eager_scores():
     """TTT_COMPILE's graphs: the warm-up compiles one graph per block function (rows and width symbolic, never a
     size-1 batch), later batches of other sizes, widths and a single document compile nothing more, and the scores
     equal the eager loop's (inductor on CPU, about a minute)."""
-    h = tiny_h()
+    compiled_ttt_is_eager_ttt(tiny_h(), tiny_h(ttt_compile=True), graphs=3, tol=1e-3)
+
+
+def compiled_ttt_is_eager_ttt(h, compiled_h, graphs, tol):
+    """ttt_warmup compiles `graphs` graphs for compiled_h's TTT functions; batches of other sizes and widths and a
+    lone long document then compile nothing more and score as the eager loop does."""
     eager = tiny_model(h)
-    m, fns = copy.deepcopy(eager), tg.ttt_block_fns(tiny_h(ttt_compile=True))
+    m, fns = copy.deepcopy(eager), tg.ttt_block_fns(compiled_h)
     lines = []
     tg.ttt_warmup(h, m, fns, CPU, lines.append)
-    assert lines[-1].endswith(", 3 graphs)"), lines[-1]
+    assert lines[-1].endswith(f", {graphs} graphs)"), lines[-1]
     g0 = tg.compiled_graphs()
     val = make_val([150, 45, 20, 9, 33, 70, 12, 100])
     docs = tg.find_docs(val.tokens)
@@ -529,7 +534,7 @@ def test_compiled_ttt_one_graph_per_function_and_eager_scores():
         _, got = run_batch(m, h, val.tokens, val.bytes, batch, fns=fns)
         _, want = run_batch(eager, h, val.tokens, val.bytes, batch)
         for d in batch:
-            torch.testing.assert_close(torch.cat(got[d.start]), torch.cat(want[d.start]), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(torch.cat(got[d.start]), torch.cat(want[d.start]), atol=tol, rtol=tol)
     assert tg.compiled_graphs() == g0
 
 
@@ -541,21 +546,7 @@ def test_whole_model_ttt_is_one_graph_for_every_batch_and_scores_as_eager(monkey
     opts = dict(ttt_lora_alpha=6.0, ttt_warm_start_a=True)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda f, **kw: compile_(f, backend="aot_eager", **kw))
-    h = tiny_h(**opts)
-    eager = tiny_model(h)
-    m, fns = copy.deepcopy(eager), tg.ttt_block_fns(tiny_h(ttt_compile=True, ttt_compile_model=True, **opts))
-    lines = []
-    tg.ttt_warmup(h, m, fns, CPU, lines.append)
-    assert lines[-1].endswith(", 1 graphs)"), lines[-1]
-    g0 = tg.compiled_graphs()
-    val = make_val([150, 45, 20, 9, 33, 70, 12, 100])
-    docs = tg.find_docs(val.tokens)
-    for batch in (docs[:4], docs[4:7], docs[7:]):
-        _, got = run_batch(m, h, val.tokens, val.bytes, batch, fns=fns)
-        _, want = run_batch(eager, h, val.tokens, val.bytes, batch)
-        for d in batch:
-            torch.testing.assert_close(torch.cat(got[d.start]), torch.cat(want[d.start]), atol=1e-5, rtol=1e-5)
-    assert tg.compiled_graphs() == g0
+    compiled_ttt_is_eager_ttt(tiny_h(**opts), tiny_h(ttt_compile=True, ttt_compile_model=True, **opts), graphs=1, tol=1e-5)
 
 
 # ----------------------------------------------------------------------------- 2. causality across documents

@@ -97,7 +97,7 @@ def env_list(key, default):
 def bench_training(tg, steps, peak):
     """Compiled training step (forward, backward, optimizer) per attention backend, compile mode (BENCH_COMPILE_MODES),
     micro-batch (BENCH_MICRO, default one GPU's share of the record step) and recurrence depth (BENCH_DEPTHS). host ms:
-    the Python time to issue one step without waiting for the GPU; near the step time, the step is launch-bound."""
+    the Python time to issue one step without synchronizing; near the step time, the step is launch-bound."""
     rows, ref_grads = [], {}
     backends = env_list("BENCH_BACKENDS", [b for b, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("flex", True),
                                                            ("varlen", tg._VARLEN)) if ok])
@@ -151,7 +151,7 @@ def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
         t0 = time.perf_counter()
         for _ in range(3):
             step()
-        host_ms = (time.perf_counter() - t0) * 1000 / 3  # the queue may fill: a lower bound on launch cost
+        host_ms = (time.perf_counter() - t0) * 1000 / 3  # a full launch queue makes the host wait: an upper bound
         torch.cuda.synchronize()
         fpt = model_flops_per_token(tg, h, depth, cu, T)
         tps = T / ms * 1000
