@@ -95,6 +95,8 @@ class Hyperparameters:
     val_loss_every: int = 4000  # in-loop validation period (and the last step) at EVAL_LOOP_DEPTH; 0: none
     compile: bool = torch.cuda.is_available()  # torch.compile the block functions (fixed shapes)
     compile_model: bool = torch.cuda.is_available()  # with COMPILE: a training step's forward+backward as one graph
+    # COMPILE_MODEL: below 1, the partitioner recomputes cheap ops in the backward to keep this share of activations
+    activation_memory_budget: float = 1.0
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     ttt_compile_model: bool = False  # with TTT_COMPILE: the TTT forward+backward as one graph (not yet timed on a GPU)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
@@ -309,6 +311,9 @@ def check_config(h):
                             ("PARALLEL_FINAL_LANE", h.parallel_final_lane, ("mean", "attn", "mlp"))):
         if value not in ok:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(ok)}")
+    if not 0 < h.activation_memory_budget <= 1:
+        raise ConfigError(f"ACTIVATION_MEMORY_BUDGET={h.activation_memory_budget} must be in (0, 1]: the share of the "
+                          "training graph's activations to keep for the backward (1: as many as the partitioner likes)")
     if h.compressor == "pergroup":
         pergroup_codec()  # a missing package fails now, not after training
     if h.lqer_enabled and not (h.lqer_rank >= 1 and h.lqer_asym_group >= 1 and 2 <= h.lqer_factor_bits <= 8):
@@ -1201,7 +1206,16 @@ def compiled_block_fns(h):
     if not h.compile:
         return EAGER
     blocks = (torch.compile(f, dynamic=False, fullgraph=True) for f in EAGER[:3])
-    return BlockFns(*blocks, torch.compile(GPT.losses, dynamic=False, fullgraph=True) if h.compile_model else None)
+    return BlockFns(*blocks, within_memory_budget(torch.compile(GPT.losses, dynamic=False, fullgraph=True), h)
+                    if h.compile_model else None)
+
+
+def within_memory_budget(compiled, h):
+    """The compiled function, partitioned (at its first call per shape) under ACTIVATION_MEMORY_BUDGET."""
+    def call(*args):
+        with torch._functorch.config.patch(activation_memory_budget=h.activation_memory_budget):
+            return compiled(*args)
+    return call
 
 
 class Fwd(NamedTuple):

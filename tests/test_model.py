@@ -1,5 +1,6 @@
 """CPU tests of train_gpt.py's MODEL section: causality, document isolation under packing, the attention backends,
 the recurrence layer schedule and depth curriculum, and the default parameter count (SPEC 4)."""
+import functools
 import gc
 import types
 
@@ -432,6 +433,42 @@ def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatc
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
+
+
+def test_activation_memory_budget_keeps_fewer_activations_for_the_same_gradients(monkeypatch):
+    """ACTIVATION_MEMORY_BUDGET < 1: the whole-model graph, partitioned as Inductor does (min-cut), keeps fewer bytes for
+    its backward (cheap ops recomputed there) and gives the same loss and gradients (randomised weights, depth 3)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    use_fa4(monkeypatch, ReferenceFA4)
+    row, _ = packed_row([40, 60, 30, 60, 66])
+    ids, tgt = row[None, :-1], row[None, 1:]
+    cu = tg.cu_seqlens_for(ids[0].numpy(), 64, bucket=8)
+    saved, results = [], []
+
+    def keep_saved_bytes(gm, _):
+        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]  # after the loss: kept for backward
+        saved.append(sum(a.meta["val"].numel() * a.meta["val"].element_size() for a in outs
+                         if isinstance(a.meta.get("val"), torch.Tensor)))
+        return make_boxed_func(gm.forward)
+
+    partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
+    for budget in (1.0, 0.5):
+        torch._dynamo.reset()
+        model = tiny_model(depth=3, attn_backend="fa4", activation_memory_budget=budget).train()
+        whole = torch.compile(tg.GPT.losses, fullgraph=True, dynamic=False, backend=aot_autograd(
+            fw_compiler=keep_saved_bytes, bw_compiler=lambda gm, _: make_boxed_func(gm.forward), partition_fn=partition))
+        fns = tg.BlockFns(*tg.EAGER[:3], tg.within_memory_budget(whole, model.h))
+        loss = model(ids, tgt, tg.Fwd(3, fns), cu)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert saved[1] < 0.75 * saved[0]
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(tg.ConfigError, match=r"ACTIVATION_MEMORY_BUDGET=0.0 must be in \(0, 1\]"):
+        make_h(activation_memory_budget=0.0)
 
 def packed_docs(lens):
     return [t for i, n in enumerate(lens) for t in [1] + [2 + i % 7] * (n - 1)]

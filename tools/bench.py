@@ -9,7 +9,7 @@ BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (de
 BENCH_TTT_MODES=eager,compiled,whole picks the TTT loop modes; BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
-import argparse, datetime, os, re, subprocess, sys, time
+import argparse, datetime, functools, os, re, subprocess, sys, time
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     "blocks": {"compile_model": False},  # each block function its own graph, Python glue between them (COMPILE_MODEL=0)
     "model": {"compile_model": True},  # the whole forward+backward one graph per depth (the default)
     "model_cdt": {"compile_model": True, "inductor": {"coordinate_descent_tuning": True}},  # Inductor tunes its kernels
+    # the partitioner recomputes cheap ops in the backward instead of saving them, down to this share of the saved bytes
+    "model_mem": {"compile_model": True, "activation_memory_budget": 0.8},
+    "model_fused_mlp": {"compile_model": True, "fused_mlp": True},  # FUSED_MLP=1 inside the whole graph
 }
 
 
@@ -160,6 +163,62 @@ def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
                          mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile_s=compile_s))
         print(rows[-1], flush=True)
     return rows
+
+
+def saved_activations(tg):
+    """What the whole-model training graph keeps for its backward, per compile mode (BENCH_COMPILE_MODES) and depth
+    (BENCH_DEPTHS, default 4), at one GPU's micro-batch: traced only (the partition Inductor's min-cut partitioner
+    makes, on fake tensors; nothing runs), so a breakdown costs seconds of tracing, no kernels."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    class Traced(Exception):
+        pass
+
+    def record(gm, _):
+        found, T = {}, traced_tokens[0]
+        for a in [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]:  # after the loss: the saved tensors
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                shape = tuple("T" if d == T else d for d in v.shape)
+                key = (getattr(a.target, "__name__", str(a.target)), shape, str(v.dtype).split(".")[-1])
+                found[key] = found.get(key, 0) + v.numel() * v.element_size()
+        raise Traced(found)
+
+    backend = aot_autograd(fw_compiler=record, decompositions=select_decomp_table(),
+                           partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
+    dev, lines, traced_tokens = torch.device("cuda" if torch.cuda.is_available() else "cpu"), [], [0]
+    for mode in env_list("BENCH_COMPILE_MODES", ["model", "model_mem"]):
+        over = dict(COMPILE_MODES[mode])
+        over.pop("inductor", None)
+        h = one_gpu_h(tg, **over)
+        with torch._functorch.config.patch(activation_memory_budget=h.activation_memory_budget):
+            model = tg.build_model(h, dev)
+            T = traced_tokens[0] = h.micro_batch_tokens
+            toks = synthetic_docs(T, h.vocab_size).to(dev)
+            cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
+            for depth in [int(d) for d in env_list("BENCH_DEPTHS", ["4"])]:
+                torch._dynamo.reset()
+                fn = torch.compile(tg.GPT.losses, backend=backend, fullgraph=True, dynamic=False)
+                try:
+                    with tg.autocast(dev):
+                        fn(model, *model.attn_args(toks[None, :-1], cu), toks[None, 1:], tg.Fwd(depth, tg.EAGER))
+                    continue
+                except Exception as e:  # dynamo wraps the backend's exception
+                    found = next((x.args[0] for x in (e, e.__cause__, e.__context__) if isinstance(x, Traced)), None)
+                    if found is None:
+                        raise
+                layers = sum(map(len, tg.layer_plan(h, depth)))
+                total = sum(found.values())
+                lines += ["", f"Saved for backward, {mode}, depth {depth} ({layers} virtual layers), {T:,} tokens: "
+                          f"{total / 2**30:.2f} GiB = {total / T / layers:,.0f} bytes per token per layer", "",
+                          "| producing op | shape | dtype | GiB | bytes per token per layer |", "|---|---|---|---|---|"]
+                lines += [f"| {op} | {list(shape)} | {dt} | {b / 2**30:.2f} | {b / T / layers:,.0f} |"
+                          for (op, shape, dt), b in sorted(found.items(), key=lambda kv: -kv[1])[:12]]
+                print("\n".join(lines[-16:]), flush=True)
+            del model
+    return lines
 
 
 KERNEL_CATEGORIES = (  # first match wins; names are matched lower-cased
@@ -563,7 +622,7 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels, profile")
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels, profile, saved")
     ap.add_argument("--kernel-combos", default="00,10,01,11", help="kernels: FUSED_MLP/FUSED_CE_ENABLED pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
@@ -596,6 +655,8 @@ def main():
                   "|---|---|---|"]
         lines += [f"| {k} | {ms:.2f} | {e} |" for k, (ms, e) in bench_attention().items()]
     emit(lines, args.out)
+    if "saved" in sections:
+        emit(saved_activations(tg), args.out)
     if "profile" in sections:
         emit(profile_step(tg, args.steps), args.out)
     if "kernels" in sections:
