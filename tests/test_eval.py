@@ -513,10 +513,10 @@ def test_ttt_warmup_leaves_weights_and_flags_untouched():
 
 
 def test_compiled_ttt_one_graph_per_function_and_eager_scores():
-    """TTT_COMPILE's graphs: the warm-up compiles one graph per block function (rows and width symbolic, never a
+    """TTT_COMPILE_MODEL=0's graphs: the warm-up compiles one graph per block function (rows and width symbolic, never a
     size-1 batch), later batches of other sizes, widths and a single document compile nothing more, and the scores
     equal the eager loop's (inductor on CPU, about a minute)."""
-    compiled_ttt_is_eager_ttt(tiny_h(), tiny_h(ttt_compile=True), graphs=3, tol=1e-3)
+    compiled_ttt_is_eager_ttt(tiny_h(), tiny_h(ttt_compile=True, ttt_compile_model=False), graphs=3, tol=1e-3)
 
 
 def compiled_ttt_is_eager_ttt(h, compiled_h, graphs, tol):

@@ -694,3 +694,19 @@ def test_frontier_flags_build_the_1855_model(default_counts):
     assert tuple(model.blocks[0].attn_gate_w.shape) == (8, 12)
     payload, _ = tg.quantize_state_dict(make_h(), {"blocks.0.attn_gate_w": torch.randn(8, 12)}, {})
     assert payload["m"]["blocks.0.attn_gate_w"] == "gate_int8_row"
+
+
+def test_fa3_stand_in_for_the_record_scripts_is_causal_gqa_attention():
+    """tools/fa3_stand_in (tools/compare_script.sh runs the PR #1756 script with it): FA3's dense call, with the
+    [B,T,H,D] layout and 8 query / 4 KV heads, equals our causal SDPA path; anything but causal attention is refused."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("fa3_stand_in", REPO / "tools" / "fa3_stand_in" / "flash_attn_interface.py")
+    fa3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa3)
+    q, k, v = qkv(40, H=8, KV=4, D=16)
+    torch.testing.assert_close(fa3.flash_attn_func(q, k, v, causal=True), tg.attend(q, k, v, None, 0, "sdpa"))
+    with pytest.raises(AssertionError, match="only causal"):
+        fa3.flash_attn_func(q, k, v)
+    with pytest.raises(AssertionError, match="only causal"):
+        fa3.flash_attn_varlen_func(q[0], k[0], v[0], None, None, 40, 40, causal=True, window_size=(128, 0))

@@ -360,8 +360,8 @@ def bench_attention():
 
 TTT_MODES = {  # BENCH_TTT_MODES: how the TTT loop runs
     "eager": {"ttt_compile": False},
-    "compiled": {"ttt_compile": True},  # one graph per block function (the default)
-    "whole": {"ttt_compile": True, "ttt_compile_model": True},  # the whole model one graph (TTT_COMPILE_MODEL=1)
+    "compiled": {"ttt_compile": True, "ttt_compile_model": False},  # one graph per block function (TTT_COMPILE_MODEL=0)
+    "whole": {"ttt_compile": True, "ttt_compile_model": True},  # the whole model one graph (the default)
 }
 TTT_WORK = (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000),
             ("1 doc x 20,000 tokens (a long document's serial tail)", 1, 20000))
