@@ -61,3 +61,12 @@ def test_readme_documents_every_env_var():
     assert len(names) > 100
     missing = sorted(n for n in names if f"`{n}`" not in README)
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_ttt_host_cost_tool_times_a_lone_documents_chunk_steps():
+    """tools/ttt_host_cost.py (docs/BENCHMARKS.md's TTT host-cost figures) still drives ttt_batch: eager mode, CPU."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "ttt_host_cost.py"), "eager"], capture_output=True,
+                         text=True, timeout=600, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    times = re.findall(r"^eager: ([\d.]+) ms per chunk step \((first|second) pass\)$", out.stdout, re.M)
+    assert [p for _, p in times] == ["first", "second"] and all(float(ms) > 0 for ms, _ in times), out.stdout
