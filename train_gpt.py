@@ -1211,7 +1211,11 @@ def compiled_block_fns(h):
 
 
 def within_memory_budget(compiled, h):
-    """The compiled function, partitioned (at its first call per shape) under ACTIVATION_MEMORY_BUDGET."""
+    """The compiled function, partitioned (at its first call per shape) under ACTIVATION_MEMORY_BUDGET; at 1, torch's
+    default, the function itself (no config patch per step)."""
+    if h.activation_memory_budget == 1:
+        return compiled
+
     def call(*args):
         with torch._functorch.config.patch(activation_memory_budget=h.activation_memory_budget):
             return compiled(*args)

@@ -407,26 +407,30 @@ def test_a_failing_fa4_kernel_says_how_to_run_without_it(monkeypatch):
         tg.attend(q, k, v, tg.cu_seqlens_for([1] + [5] * 31, 32, bucket=16), 32, "fa4")
 
 
+def whole_model_batch():
+    """A packed row of five documents (ids, targets, cu_seqlens) for the whole-model compile tests."""
+    row, _ = packed_row([40, 60, 30, 60, 66])
+    ids = row[None, :-1]
+    return ids, row[None, 1:], tg.cu_seqlens_for(ids[0].numpy(), 64, bucket=8)
+
+
+def loss_and_grads(model, fns, batch, depth=3):
+    model.zero_grad()
+    loss = model(batch[0], batch[1], tg.Fwd(depth, fns), batch[2])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatch):
     """COMPILE_MODEL: GPT.forward runs GPT.losses as one graph (fullgraph: no break anywhere in the model, the
     attention custom op included), with the block path's loss and gradients (randomised weights, depth 3, packed)."""
     use_fa4(monkeypatch, ReferenceFA4)
-    model = tiny_model(depth=3, attn_backend="fa4").train()
-    row, _ = packed_row([40, 60, 30, 60, 66])
-    ids, tgt = row[None, :-1], row[None, 1:]
-    cu = tg.cu_seqlens_for(ids[0].numpy(), 64, bucket=8)
-
-    def loss_and_grads(fns):
-        model.zero_grad()
-        loss = model(ids, tgt, tg.Fwd(3, fns), cu)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    want_loss, want = loss_and_grads(tg.EAGER)
+    model, batch = tiny_model(depth=3, attn_backend="fa4").train(), whole_model_batch()
+    want_loss, want = loss_and_grads(model, tg.EAGER, batch)
     whole = torch.compile(tg.GPT.losses, backend="aot_eager", fullgraph=True, dynamic=False)
     calls = []
     counted = lambda *a: calls.append(1) or whole(*a)
-    loss, grads = loss_and_grads(tg.BlockFns(*tg.EAGER[:3], counted))
+    loss, grads = loss_and_grads(model, tg.BlockFns(*tg.EAGER[:3], counted), batch)
     assert calls == [1]  # the whole forward went through the one compiled function
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads, want):
@@ -434,23 +438,18 @@ def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatc
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-
 def test_activation_memory_budget_keeps_fewer_activations_for_the_same_gradients(monkeypatch):
     """ACTIVATION_MEMORY_BUDGET < 1: the whole-model graph, partitioned as Inductor does (min-cut), keeps fewer bytes for
     its backward (cheap ops recomputed there) and gives the same loss and gradients (randomised weights, depth 3)."""
+    from bench import kept_for_backward
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     use_fa4(monkeypatch, ReferenceFA4)
-    row, _ = packed_row([40, 60, 30, 60, 66])
-    ids, tgt = row[None, :-1], row[None, 1:]
-    cu = tg.cu_seqlens_for(ids[0].numpy(), 64, bucket=8)
-    saved, results = [], []
+    batch, saved, results = whole_model_batch(), [], []
 
     def keep_saved_bytes(gm, _):
-        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]  # after the loss: kept for backward
-        saved.append(sum(a.meta["val"].numel() * a.meta["val"].element_size() for a in outs
-                         if isinstance(a.meta.get("val"), torch.Tensor)))
+        saved.append(sum(kept_for_backward(gm).values()))
         return make_boxed_func(gm.forward)
 
     partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
@@ -459,16 +458,14 @@ def test_activation_memory_budget_keeps_fewer_activations_for_the_same_gradients
         model = tiny_model(depth=3, attn_backend="fa4", activation_memory_budget=budget).train()
         whole = torch.compile(tg.GPT.losses, fullgraph=True, dynamic=False, backend=aot_autograd(
             fw_compiler=keep_saved_bytes, bw_compiler=lambda gm, _: make_boxed_func(gm.forward), partition_fn=partition))
-        fns = tg.BlockFns(*tg.EAGER[:3], tg.within_memory_budget(whole, model.h))
-        loss = model(ids, tgt, tg.Fwd(3, fns), cu)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        results.append(loss_and_grads(model, tg.BlockFns(*tg.EAGER[:3], tg.within_memory_budget(whole, model.h)), batch))
     assert saved[1] < 0.75 * saved[0]
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(tg.ConfigError, match=r"ACTIVATION_MEMORY_BUDGET=0.0 must be in \(0, 1\]"):
         make_h(activation_memory_budget=0.0)
+
 
 def packed_docs(lens):
     return [t for i, n in enumerate(lens) for t in [1] + [2 + i % 7] * (n - 1)]

@@ -165,6 +165,18 @@ def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
     return rows
 
 
+def kept_for_backward(gm):
+    """{(producing op, shape, dtype): bytes} of what a partitioned forward graph returns after the loss: the tensors
+    it keeps for the backward."""
+    kept = {}
+    for a in [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]:
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            key = (getattr(a.target, "__name__", str(a.target)), tuple(v.shape), str(v.dtype).split(".")[-1])
+            kept[key] = kept.get(key, 0) + v.numel() * v.element_size()
+    return kept
+
+
 def saved_activations(tg):
     """What the whole-model training graph keeps for its backward, per compile mode (BENCH_COMPILE_MODES) and depth
     (BENCH_DEPTHS, default 4), at one GPU's micro-batch: traced only (the partition Inductor's min-cut partitioner
@@ -177,47 +189,39 @@ def saved_activations(tg):
         pass
 
     def record(gm, _):
-        found, T = {}, traced_tokens[0]
-        for a in [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]:  # after the loss: the saved tensors
-            v = a.meta.get("val")
-            if isinstance(v, torch.Tensor):
-                shape = tuple("T" if d == T else d for d in v.shape)
-                key = (getattr(a.target, "__name__", str(a.target)), shape, str(v.dtype).split(".")[-1])
-                found[key] = found.get(key, 0) + v.numel() * v.element_size()
-        raise Traced(found)
+        raise Traced(kept_for_backward(gm))
 
     backend = aot_autograd(fw_compiler=record, decompositions=select_decomp_table(),
                            partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
-    dev, lines, traced_tokens = torch.device("cuda" if torch.cuda.is_available() else "cpu"), [], [0]
+    dev, lines = torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
     for mode in env_list("BENCH_COMPILE_MODES", ["model", "model_mem"]):
         over = dict(COMPILE_MODES[mode])
         over.pop("inductor", None)
         h = one_gpu_h(tg, **over)
-        with torch._functorch.config.patch(activation_memory_budget=h.activation_memory_budget):
-            model = tg.build_model(h, dev)
-            T = traced_tokens[0] = h.micro_batch_tokens
-            toks = synthetic_docs(T, h.vocab_size).to(dev)
-            cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
-            for depth in [int(d) for d in env_list("BENCH_DEPTHS", ["4"])]:
-                torch._dynamo.reset()
-                fn = torch.compile(tg.GPT.losses, backend=backend, fullgraph=True, dynamic=False)
-                try:
-                    with tg.autocast(dev):
-                        fn(model, *model.attn_args(toks[None, :-1], cu), toks[None, 1:], tg.Fwd(depth, tg.EAGER))
-                    continue
-                except Exception as e:  # dynamo wraps the backend's exception
-                    found = next((x.args[0] for x in (e, e.__cause__, e.__context__) if isinstance(x, Traced)), None)
-                    if found is None:
-                        raise
-                layers = sum(map(len, tg.layer_plan(h, depth)))
-                total = sum(found.values())
-                lines += ["", f"Saved for backward, {mode}, depth {depth} ({layers} virtual layers), {T:,} tokens: "
-                          f"{total / 2**30:.2f} GiB = {total / T / layers:,.0f} bytes per token per layer", "",
-                          "| producing op | shape | dtype | GiB | bytes per token per layer |", "|---|---|---|---|---|"]
-                lines += [f"| {op} | {list(shape)} | {dt} | {b / 2**30:.2f} | {b / T / layers:,.0f} |"
-                          for (op, shape, dt), b in sorted(found.items(), key=lambda kv: -kv[1])[:12]]
-                print("\n".join(lines[-16:]), flush=True)
-            del model
+        model = tg.build_model(h, dev)
+        T = h.micro_batch_tokens
+        toks = synthetic_docs(T, h.vocab_size).to(dev)
+        cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
+        for depth in [int(d) for d in env_list("BENCH_DEPTHS", ["4"])]:
+            torch._dynamo.reset()
+            fn = tg.within_memory_budget(torch.compile(tg.GPT.losses, backend=backend, fullgraph=True, dynamic=False), h)
+            try:
+                with tg.autocast(dev):
+                    fn(model, *model.attn_args(toks[None, :-1], cu), toks[None, 1:], tg.Fwd(depth, tg.EAGER))
+                continue
+            except Exception as e:  # dynamo wraps the backend's exception
+                found = next((x.args[0] for x in (e, e.__cause__, e.__context__) if isinstance(x, Traced)), None)
+                if found is None:
+                    raise
+            layers = sum(map(len, tg.layer_plan(h, depth)))
+            total = sum(found.values())
+            lines += ["", f"Saved for backward, {mode}, depth {depth} ({layers} virtual layers), {T:,} tokens: "
+                      f"{total / 2**30:.2f} GiB = {total / T / layers:,.0f} bytes per token per layer", "",
+                      "| producing op | shape | dtype | GiB | bytes per token per layer |", "|---|---|---|---|---|"]
+            lines += [f"| {op} | {['T' if d == T else d for d in shape]} | {dt} | {b / 2**30:.2f} | {b / T / layers:,.0f} |"
+                      for (op, shape, dt), b in sorted(found.items(), key=lambda kv: -kv[1])[:12]]
+            print("\n".join(lines[-16:]), flush=True)
+        del model
     return lines
 
 
