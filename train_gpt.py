@@ -13,7 +13,7 @@ The pipeline (main), section by section:
   EVALUATION  the artifact reloaded and scored (BPB over original UTF-8 bytes), then
   TEST-TIME TRAINING  phased score-first TTT: per-document LoRA + global SGD on scored documents (the reported score)
 """
-import base64, copy, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
+import base64, copy, functools, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
@@ -655,17 +655,18 @@ def data_transform_line(h, sp):
 
 
 # ----------------------------------------------------------------------------- KERNELS
-# Two fused Triton kernels for CUDA training and eval, each behind a torch.library custom op (opaque to
-# torch.compile, with a fake impl and autograd) whose torch path runs off CUDA and states the math:
-#   mlp_up: leaky_relu(x @ w.T, 0.5)^2 in the matmul's epilogue (the pre-activation never reaches memory);
+# Two fused Triton kernels for CUDA training and eval, each behind torch.library custom ops (opaque to
+# torch.compile, with fake impls and autograd) whose torch paths run off CUDA and state the math:
+#   mlp: the MLP with LeakyReLU(0.5)^2 in the epilogues of two matmuls: the up projection writes hid and one sign bit
+#   per hidden unit instead of the pre-activation; the backward's dhid = g @ down is multiplied by f'(pre) (rebuilt
+#   from hid and the sign) before it leaves the kernel. Neither the pre-activation nor dhid reaches memory;
 #   softcap_ce: softcap*tanh + logsumexp + target NLL per row of bf16 logits, and d logits written directly in
 #   the logits' dtype (no fp32 [tokens, vocab] tensor). FUSED_MLP=0 / FUSED_CE_ENABLED=0: the plain expressions.
-# FUSED_CE_ENABLED is on by default (about 2% faster training steps on an H200); FUSED_MLP is opt-in: it saves
-# 2-4 GiB of activations, but its Triton matmul runs at about 2/3 of cuBLAS's speed (compiled steps 1-3% slower).
 
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     triton = None
 KERNELS_ON = torch.cuda.is_available() and triton is not None
@@ -676,44 +677,52 @@ def kernel_ok(x):
     return x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled())
 
 
+def pack_signs(neg):
+    """[M, N] bool -> [M, N/8] uint8, bit i of byte j = column 8j+i (the kernel's layout)."""
+    bits = neg.view(neg.size(0), -1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8, device=neg.device)
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(bits):
+    return (bits[..., None] >> torch.arange(8, dtype=torch.uint8, device=bits.device) & 1).bool().flatten(-2)
+
+
 if triton is not None:
-    # H100/H200 candidates (the 128 x 128 x 64 ones with 3 stages fit two programs per SM). Key on N, K only: TTT
-    # changes the row count every chunk and must not re-tune each time.
+    def _boxes(nargs):  # TMA boxes follow the config's tile (the descriptors are built with a dummy box)
+        BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+        for name, box in (("a", [BM, BK]), ("b", [BN, BK]), ("out", [BM, BN]), ("hid", [BM, BN]), ("signs", [BM, BN // 8])):
+            nargs[name].block_shape = box
+
+    # Persistent, TMA-fed tiles: one program per SM walks the tiles with the K loop flattened into the tile loop, so
+    # the next tile's loads overlap this tile's epilogue (K = 512 is only 4-8 steps). Keyed on N, K and the direction
+    # only: TTT changes the row count every chunk and must not re-tune each time.
     @triton.autotune(
-        [
-            triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns)
-            for m, n, k, nw, ns in (
-                (256, 128, 64, 8, 3),
-                (256, 128, 64, 8, 4),
-                (256, 128, 128, 8, 2),
-                (256, 64, 64, 4, 4),
-                (128, 256, 64, 8, 3),
-                (128, 128, 64, 4, 4),
-                (128, 128, 64, 8, 3),
-                (128, 128, 64, 4, 3),
-            )
-        ],
-        key=["N", "K"],
+        [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns, pre_hook=_boxes)
+         for m, n, k, nw, ns in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+                                 (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 128, 8, 2))],
+        key=["N", "K", "FWD"],
     )
     @triton.jit
-    def _mlp_up_kernel(x, w, hid, neg, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _mlp_mm_kernel(a, b, out, hid, signs, M, N, K, FWD: tl.constexpr, SMS: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr):
+        """acc = a @ b.T per [BM, BN] tile. FWD: out = leaky_relu(acc, 0.5)^2 and signs = bit-packed acc < 0; else
+        out = acc * f'(pre) with f'(pre) = 2 sqrt(hid) where pre > 0, -sqrt(hid) where pre < 0."""
         nb = tl.cdiv(N, BN)
-        pm, pn = tl.program_id(0) // nb, tl.program_id(0) % nb  # neighbours share the x tile; w stays in L2
-        rm, rn, rk = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
-        xp = x + (rm % M)[:, None] * K + rk[None]  # edge rows/cols wrap instead of masking; their stores are masked
-        wp = w + (rn % N)[None] * K + rk[:, None]
-        acc = tl.zeros((BM, BN), tl.float32)
-        for k in range(0, K, BK):
-            acc = tl.dot(
-                tl.load(xp, mask=rk[None] < K - k, other=0.0), tl.load(wp, mask=rk[:, None] < K - k, other=0.0), acc
-            )
-            xp += BK
-            wp += BK
-        act = tl.where(acc > 0, acc, 0.5 * acc)
-        out = rm.to(tl.int64)[:, None] * N + rn[None]
-        ok = (rm[:, None] < M) & (rn[None] < N)
-        tl.store(hid + out, (act * act).to(hid.dtype.element_ty), mask=ok)
-        tl.store(neg + out, acc < 0, mask=ok)
+        for t in tl.range(tl.program_id(0), tl.cdiv(M, BM) * nb, SMS, flatten=True):
+            om, on = (t // nb) * BM, (t % nb) * BN  # neighbouring programs share a's rows; b stays in L2
+            acc = tl.zeros((BM, BN), tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a.load([om, k]), b.load([on, k]).T, acc)
+            shift = tl.arange(0, 8)[None, None, :]
+            if FWD:
+                act = tl.where(acc > 0, acc, 0.5 * acc)
+                out.store([om, on], (act * act).to(out.dtype))
+                neg = tl.reshape((acc < 0).to(tl.int32), (BM, BN // 8, 8))
+                signs.store([om, on // 8], tl.sum(neg << shift, 2).to(tl.uint8))
+            else:
+                neg = tl.reshape((signs.load([om, on // 8]).to(tl.int32)[:, :, None] >> shift) & 1, (BM, BN))
+                root = tl.sqrt(hid.load([om, on]).to(tl.float32))
+                out.store([om, on], (acc * tl.where(neg != 0, -root, 2 * root)).to(out.dtype))
 
     @triton.jit
     def _tanh(u):
@@ -741,14 +750,6 @@ if triton is not None:
         tl.store(dz + row * V + c, d.to(dz.dtype.element_ty), mask=c < V)
 
 
-def _mlp_up_triton(x, w):
-    x, w = x.contiguous(), w.contiguous()
-    (M, K), N = x.shape, w.size(0)
-    hid, neg = x.new_empty(M, N), torch.empty(M, N, dtype=torch.bool, device=x.device)
-    _mlp_up_kernel[lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)](x, w, hid, neg, M, N, K)
-    return hid, neg
-
-
 def _ce_fwd_triton(z, targets, softcap):
     z = z.contiguous()
     loss, lse = (torch.empty(z.size(0), dtype=torch.float32, device=z.device) for _ in range(2))
@@ -765,35 +766,78 @@ def _ce_bwd_triton(z, targets, lse, g, softcap):
     return dz
 
 
+def mlp_mm_ok(x, w):
+    """The Triton MLP kernels take CUDA bf16 rows with TMA-aligned widths (hidden a multiple of 128, model dim of 8)."""
+    return triton is not None and x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and w.size(0) % 128 == 0 \
+        and w.size(1) % 8 == 0
+
+
+@functools.cache
+def _sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _mlp_mm(a, b, hid=None, signs=None):
+    """a @ b.T with the forward epilogue (returns hid, signs) or, given hid and signs, the backward one (returns dpre)."""
+    a, b = a.contiguous(), b.contiguous()
+    (M, K), N, fwd = a.shape, b.size(0), hid is None
+    out = a.new_empty(M, N)
+    if fwd:
+        hid, signs = out, torch.empty(M, N // 8, dtype=torch.uint8, device=a.device)
+    desc = lambda t: TensorDescriptor.from_tensor(t, [1] * t.dim())
+    sms = _sms(a.device)
+    _mlp_mm_kernel[lambda c: (min(sms, triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])),)](
+        desc(a), desc(b), desc(out), desc(hid), desc(signs), M, N, K, fwd, sms)
+    return (out, signs) if fwd else out
+
+
 # Explicit schemas: the counted (minified) code has no annotations for custom_op to infer them from.
-@torch.library.custom_op("pgolf::mlp_up", mutates_args=(), schema="(Tensor x, Tensor w) -> (Tensor, Tensor)")
-def mlp_up(x, w):
-    """(leaky_relu(x @ w.T, 0.5)^2, x @ w.T < 0) for x [M, K], w [N, K]. The sign mask (1 byte) and hid, which
-    the down projection keeps anyway, are all the backward needs: |pre| = sqrt(hid) (x2 where pre < 0)."""
-    if x.is_cuda and triton is not None:
-        return _mlp_up_triton(x, w)
-    pre = F.linear(x, w)
-    return F.leaky_relu(pre, 0.5).square(), pre < 0
+@torch.library.custom_op("pgolf::mlp", mutates_args=(), schema="(Tensor x, Tensor up, Tensor down) -> (Tensor, Tensor, Tensor)")
+def fused_mlp(x, up, down):
+    """(hid @ down.T, hid, signs) for x [M, d], up [N, d], down [d, N]: hid = leaky_relu(x @ up.T, 0.5)^2 and signs =
+    pack_signs(x @ up.T < 0). hid, which the down projection's gradient needs anyway, and one bit per hidden unit are
+    all the backward keeps: |pre| = sqrt(hid) (x2 where pre < 0)."""
+    if mlp_mm_ok(x, up):
+        hid, signs = _mlp_mm(x, up)
+    else:
+        pre = F.linear(x, up)
+        hid, signs = F.leaky_relu(pre, 0.5).square(), pack_signs(pre < 0)
+    return F.linear(hid, down), hid, signs
 
 
-@mlp_up.register_fake
-def _(x, w):
-    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0), dtype=torch.bool)
+@fused_mlp.register_fake
+def _(x, up, down):
+    M, N = x.size(0), up.size(0)
+    return x.new_empty(M, down.size(0)), x.new_empty(M, N), x.new_empty(M, N // 8, dtype=torch.uint8)
 
 
-def _mlp_up_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
+@torch.library.custom_op("pgolf::mlp_dpre", mutates_args=(), schema="(Tensor g, Tensor down, Tensor hid, Tensor signs) -> Tensor")
+def mlp_dpre(g, down, hid, signs):
+    """d loss / d pre = (g @ down) * f'(pre); f(p) = p^2 (p > 0), p^2/4 (p < 0): f' = 2 sqrt(f), -sqrt(f)."""
+    if mlp_mm_ok(g, down.t()):
+        return _mlp_mm(g, down.t(), hid.contiguous(), signs.contiguous())
+    f = torch.promote_types(g.dtype, torch.float32)
+    root = hid.to(f).sqrt()
+    return ((g @ down).to(f) * torch.where(unpack_signs(signs), -root, 2 * root)).to(g.dtype)
 
 
-def _mlp_up_bwd(ctx, g, _):
-    x, w, hid, neg = ctx.saved_tensors
-    # f(p) = p^2 (p > 0), p^2/4 (p < 0): f'(p) = 2p = 2 sqrt(f), p/2 = -sqrt(f)
-    f = torch.promote_types(x.dtype, torch.float32)
-    d = (g.to(f) * hid.to(f).sqrt() * torch.where(neg, -1.0, 2.0)).to(x.dtype)
-    return d @ w, d.t() @ x
+@mlp_dpre.register_fake
+def _(g, down, hid, signs):
+    return torch.empty_like(hid)
 
 
-mlp_up.register_autograd(_mlp_up_bwd, setup_context=_mlp_up_setup)
+def _mlp_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*inputs, *output[1:])
+
+
+def _mlp_bwd(ctx, g, _, __):
+    x, up, down, hid, signs = ctx.saved_tensors
+    d = mlp_dpre(g, down, hid, signs)
+    return d @ up, d.t() @ x, g.t() @ hid
+
+
+fused_mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
 
 
 @torch.library.custom_op("pgolf::softcap_ce", mutates_args=(),
@@ -1078,9 +1122,10 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
     D = w.wq.size(0) // H
     if cap is not None:
         cap("attn.c_q", a)
-    q = linear(a, w.wq, lora and lora.q).view(B, T, H, D)
-    k = linear(a, w.wk, lora and lora.k).view(B, T, KV, D)
-    v = linear(a, w.wv, lora and lora.v).view(B, T, KV, D)
+    # one matmul for q, k and v: a is read once and the backward's d a is one matmul, not three and two sums
+    qkv = F.linear(a, torch.cat((w.wq, w.wk, w.wv)).to(a.dtype)).split((H * D, KV * D, KV * D), -1)
+    q, k, v = (y if ab is None else y + lora_delta(a, ab).to(y.dtype) for y, ab in zip(qkv, lora[:3] if lora else (None,) * 3))
+    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
     cos, sin, dims = attn.rope
     q, k = apply_rope(rms(q), cos, sin, dims), apply_rope(rms(k), cos, sin, dims)
     q = q * w.q_gain.to(q.dtype)[:, None]
@@ -1099,12 +1144,11 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
 
 
 def mlp(a, w: BlockWeights, lora, cap):
-    if w.fused_mlp and cap is None and kernel_ok(a):  # the GPTQ hook sees mlp.fc's input on the plain path
+    if w.fused_mlp and cap is None and kernel_ok(a) and w.up.size(0) % 8 == 0:  # the GPTQ hook: plain path
         dt = torch.bfloat16 if torch.is_autocast_enabled() else a.dtype
-        hid = mlp_up(a.flatten(0, -2).to(dt), w.up.to(dt))[0].view(*a.shape[:-1], -1)
+        out = fused_mlp(a.flatten(0, -2).to(dt), w.up.to(dt), w.down.to(dt))[0].view_as(a)
     else:
-        hid = F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square()
-    out = linear(hid, w.down, None, cap, "mlp.proj")
+        out = linear(F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square(), w.down, None, cap, "mlp.proj")
     if lora is not None and lora.mlp is not None:
         out = out + lora_delta(a, lora.mlp).to(out.dtype)
     return out

@@ -20,8 +20,8 @@ CAP = 30.0
 REAL_KERNEL_OK = tg.kernel_ok
 
 
-def plain_mlp_up(x, w):
-    return F.leaky_relu(F.linear(x, w), 0.5).square()
+def plain_mlp(x, up, down):
+    return F.linear(F.leaky_relu(F.linear(x, up), 0.5).square(), down)
 
 
 def plain_ce(z, t):
@@ -39,23 +39,39 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_mlp_up_backward_matches_autograd():
-    """The backward rebuilds f'(pre) from hid and the sign mask: exact in fp64, within bf16 rounding in bf16
-    (no worse than the plain expression's own bf16 autograd, both against fp64)."""
+def test_sign_bits_round_trip_in_the_kernel_layout():
+    neg = torch.rand(9, 24) < 0.5
+    bits = tg.pack_signs(neg)
+    assert bits.shape == (9, 3) and bits.dtype == torch.uint8 and torch.equal(tg.unpack_signs(bits), neg)
+    one = torch.zeros(1, 16, dtype=torch.bool)
+    one[0, 9] = True  # column 8j+i is bit i of byte j
+    assert tg.pack_signs(one).tolist() == [[0, 2]]
+
+
+def test_fused_mlp_matches_autograd():
+    """The forward is the plain MLP; the backward rebuilds f'(pre) from hid and one sign bit per hidden unit: exact
+    in fp64, within bf16 rounding in bf16 (no worse than the plain expression's own bf16 autograd, both against
+    fp64). It keeps hid and the bits, not the pre-activation, and hands no gradient to them."""
     torch.manual_seed(0)
-    x, w = torch.randn(37, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64) / 5
-    g = torch.randn(37, 40, dtype=torch.float64)
-    hid, neg = tg.mlp_up(x, w)
-    assert torch.equal(hid, plain_mlp_up(x, w)) and torch.equal(neg, F.linear(x, w) < 0) and neg.any() and not neg.all()
-    out, (dx, dw) = grads(lambda a, b: tg.mlp_up(a, b)[0], x, w, g=g)
-    ref, (rx, rw) = grads(plain_mlp_up, x, w, g=g)
-    assert torch.allclose(dx, rx, rtol=1e-12, atol=1e-12) and torch.allclose(dw, rw, rtol=1e-12, atol=1e-12)
-    bf = [t.bfloat16() for t in (x, w)]
-    _, (bx, bw) = grads(lambda a, b: tg.mlp_up(a, b)[0], *bf, g=g.bfloat16())
-    _, (px, pw) = grads(plain_mlp_up, *bf, g=g.bfloat16())
-    _, (qx, qw) = grads(plain_mlp_up, *(t.double() for t in bf), g=g.bfloat16().double())
-    assert rel(bx, qx) < 1e-2 and rel(bw, qw) < 1e-2
-    assert rel(bx, qx) < 1.5 * rel(px, qx) and rel(bw, qw) < 1.5 * rel(pw, qw)
+    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64) / 5, \
+        torch.randn(24, 40, dtype=torch.float64) / 6
+    g = torch.randn(37, 24, dtype=torch.float64)
+    out, hid, bits = tg.fused_mlp(x, up, down)
+    pre = F.linear(x, up)
+    assert torch.equal(out, plain_mlp(x, up, down)) and torch.equal(hid, F.leaky_relu(pre, 0.5).square())
+    assert torch.equal(tg.unpack_signs(bits), pre < 0) and (pre < 0).any() and not (pre < 0).all()
+    fused = lambda *t: tg.fused_mlp(*t)[0]
+    _, got = grads(fused, x, up, down, g=g)
+    _, ref = grads(plain_mlp, x, up, down, g=g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
+    bf = [t.bfloat16() for t in (x, up, down)]
+    _, fb = grads(fused, *bf, g=g.bfloat16())
+    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
+    _, qb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
+    assert all(rel(f, q) < 1e-2 and rel(f, q) < 1.5 * rel(p, q) for f, p, q in zip(fb, pb, qb))
+    xs = x.detach().requires_grad_()
+    _, hid, bits = tg.fused_mlp(xs, up, down)
+    assert not hid.requires_grad and not bits.requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -78,17 +94,19 @@ def test_ops_compile_fullgraph_with_dynamic_rows():
     """Both ops inside torch.compile(fullgraph=True), rows marked dynamic as TTT does: one graph serves two row
     counts, and values and gradients equal eager's (inductor on CPU)."""
     torch.manual_seed(2)
-    w, emb = torch.randn(48, 16) / 4, torch.randn(20, 48) / 7
+    w, emb = torch.randn(48, 16) / 4, torch.randn(20, 16) / 4
 
-    def f(x, t, w, emb):
-        return tg.softcap_ce(F.linear(tg.mlp_up(x, w)[0], emb), t, CAP)[0]
+    down = torch.randn(16, 48) / 7
+
+    def f(x, t, w, down, emb):
+        return tg.softcap_ce(F.linear(tg.fused_mlp(x, w, down)[0], emb), t, CAP)[0]
 
     cf = torch.compile(f, fullgraph=True)
     g0 = tg.compiled_graphs()
     for rows in (12, 7):
         x, t, g = torch.randn(rows, 16), torch.randint(0, 20, (rows,)), torch.rand(rows)
-        ref, rg = grads(lambda a, b, c: f(a, t, b, c), x, w, emb, g=g)
-        out, cg = grads(lambda a, b, c: tg.mark_rows((0,), a, t) or cf(a, t, b, c), x, w, emb, g=g)
+        ref, rg = grads(lambda a, b, c, e: f(a, t, b, c, e), x, w, down, emb, g=g)
+        out, cg = grads(lambda a, b, c, e: tg.mark_rows((0,), a, t) or cf(a, t, b, c, e), x, w, down, emb, g=g)
         assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cg, rg))
     assert tg.compiled_graphs() - g0 == 1
 
@@ -112,7 +130,7 @@ def _run(m, fused, monkeypatch):
     m.h = dataclasses.replace(m.h, fused_mlp=fused, fused_ce_enabled=fused)  # the same weights, other kernel flags
     monkeypatch.setattr(tg, "kernel_ok", lambda x: True)  # CPU tensors through the ops' torch paths
     called = []
-    for name in ("mlp_up", "softcap_ce"):
+    for name in ("fused_mlp", "softcap_ce"):
         real = getattr(tg, name)
         monkeypatch.setattr(tg, name, lambda *a, real=real, name=name: called.append(name) or real(*a))
     g = torch.Generator().manual_seed(5)
@@ -135,7 +153,7 @@ def test_call_sites_use_the_ops_with_the_plain_results(model, monkeypatch):
     path's loss, gradients and TTT scores; off CUDA the real kernel_ok keeps the plain path."""
     fused = _run(model, True, monkeypatch)
     plain = _run(model, False, monkeypatch)
-    assert fused[4] == {"mlp_up", "softcap_ce"} and plain[4] == set()
+    assert fused[4] == {"fused_mlp", "softcap_ce"} and plain[4] == set()
     assert torch.allclose(fused[0], plain[0], rtol=1e-6) and torch.allclose(fused[2], plain[2], rtol=1e-5, atol=1e-6)
     assert fused[1].keys() == plain[1].keys()
     assert all(torch.allclose(fused[1][k], plain[1][k], rtol=1e-4, atol=1e-6) for k in plain[1])
@@ -154,15 +172,18 @@ def test_gptq_hook_sees_the_mlp_inputs_with_the_flags_on(model, monkeypatch):
 INTERPRETED = r"""
 import torch, triton
 import train_gpt as tg
-tg._mlp_up_kernel.configs = [triton.Config({"BM": 32, "BN": 16, "BK": 32})]  # the interpreter cannot autotune
+tg._mlp_mm_kernel.configs = [triton.Config({"BM": 32, "BN": 128, "BK": 32}, pre_hook=tg._boxes)]  # no autotuning here
+tg._sms = lambda device: 3  # three persistent programs: each walks several tiles
 tg._ce_fwd_kernel.configs, tg._ce_bwd_kernel.configs = tg._ce_fwd_kernel.configs[:1], tg._ce_bwd_kernel.configs[:1]
 torch.manual_seed(0)
-# edge tiles in every dimension: M, N not multiples of the tile, K not a multiple of BK. fp32, because the
-# interpreter's bf16 dot is wrong (on the GPU the kernel runs bf16)
-x, w = torch.randn(70, 80), torch.randn(40, 80) / 9
-hid, neg = tg._mlp_up_triton(x, w)
-ref, rneg = tg.mlp_up(x, w)
-assert torch.equal(neg, rneg) and torch.allclose(hid, ref, rtol=1e-5, atol=1e-6), (hid - ref).abs().max()
+# edge tiles: M and K not multiples of the tile (TMA pads the loads with zeros and clips the stores). fp32, because
+# the interpreter's bf16 dot is wrong (on the GPU the kernel runs bf16)
+x, up, down, g = torch.randn(70, 80), torch.randn(256, 80) / 9, torch.randn(80, 256) / 9, torch.randn(70, 80)
+hid, bits = tg._mlp_mm(x, up)
+_, rhid, rbits = tg.fused_mlp(x, up, down)  # the torch path: fp32 is not the kernel's dtype
+assert torch.equal(bits, rbits) and torch.allclose(hid, rhid, rtol=1e-5, atol=1e-6), (hid - rhid).abs().max()
+d, rd = tg._mlp_mm(g, down.t(), hid, bits), tg.mlp_dpre(g, down, hid, bits)
+assert torch.allclose(d, rd, rtol=1e-5, atol=1e-5), (d - rd).abs().max()
 for dtype in (torch.float32, torch.bfloat16):
     z, t, g = (torch.randn(33, 100) * 40).to(dtype), torch.randint(0, 100, (33,)), torch.randn(33)
     loss, lse = tg._ce_fwd_triton(z, t, 30.0)

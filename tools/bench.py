@@ -228,7 +228,7 @@ def saved_activations(tg):
 KERNEL_CATEGORIES = (  # first match wins; names are matched lower-cased
     ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
     ("matmul", ("gemm", "wgmma", "nvjet", "cutlass", "xmma", "matmul", "cublas")),
-    ("fused MLP/CE (ours)", ("_mlp_up", "_ce_fwd", "_ce_bwd")),
+    ("fused MLP/CE (ours)", ("_mlp_mm", "_ce_fwd", "_ce_bwd")),
     ("communication", ("nccl",)),
     ("memcpy/memset", ("memcpy", "memset")),
     ("elementwise/norm/reduction", ("triton_", "elementwise", "reduce", "vectorized", "unrolled", "cat", "index")),
@@ -418,6 +418,51 @@ def random_banks(model):
     return model
 
 
+def mlp_kernel_configs(tg, x, up, down, g):
+    """Each autotune candidate of the MLP matmul kernel alone, forward (x @ up.T -> hid, sign bits) and backward
+    (g @ down -> dpre), against cuBLAS's plain matmul and the compiled plain expressions (matmul + LeakyReLU^2; matmul +
+    its backward), with the forward's errors against fp32."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    M, d, N = x.size(0), x.size(1), up.size(0)
+    tf = lambda ms: f"{2 * M * d * N / ms / 1e9:.0f}"
+    hid, signs = tg._mlp_mm(x, up)
+    pre = F.linear(x.float(), up.float())
+    neg = tg.unpack_signs(signs)
+    act_f = torch.compile(lambda x, w: F.leaky_relu(F.linear(x, w), 0.5).square())
+    plain_bwd = torch.compile(lambda g, w, p: torch.where(p > 0, 2 * p, 0.5 * p) * (g @ w))
+    pre_b = pre.bfloat16()
+    lines = ["", f"MLP matmul kernel ({M:,} x {d} -> {N:,}; TFLOP/s of the matmul alone), per autotune candidate:", "",
+             "| config | forward ms | TFLOP/s | backward (dpre) ms | TFLOP/s |", "|---|---|---|---|---|",
+             f"| cuBLAS matmul alone (no epilogue) | {(t := do_bench(lambda: F.linear(x, up), return_mode='median')):.3f} | "
+             f"{tf(t)} | {(t := do_bench(lambda: g @ down, return_mode='median')):.3f} | {tf(t)} |",
+             f"| compiled plain: matmul + LeakyReLU^2 / matmul + its backward | "
+             f"{(t := do_bench(lambda: act_f(x, up), return_mode='median')):.3f} | {tf(t)} | "
+             f"{(t := do_bench(lambda: plain_bwd(g, down, pre_b), return_mode='median')):.3f} | {tf(t)} |"]
+    kern, configs = tg._mlp_mm_kernel, tg._mlp_mm_kernel.configs
+    try:
+        for c in configs:
+            kern.configs, kern.cache = [c], {}
+            try:
+                tf_ms = do_bench(lambda: tg._mlp_mm(x, up), return_mode="median")
+                tb_ms = do_bench(lambda: tg._mlp_mm(g, down.t(), hid, signs), return_mode="median")
+                lines.append(f"| {c} | {tf_ms:.3f} | {tf(tf_ms)} | {tb_ms:.3f} | {tf(tb_ms)} |")
+            except Exception as e:  # a candidate that does not fit this GPU's shared memory
+                lines.append(f"| {c} | failed: {type(e).__name__} | | | |")
+            print(lines[-1], flush=True)
+    finally:
+        kern.configs, kern.cache = configs, {}
+    tg._mlp_mm(x, up), tg._mlp_mm(g, down.t(), hid, signs)
+    ref_d = (g.float() @ down.float()) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    d_k = tg._mlp_mm(g, down.t(), hid, signs)
+    miss = neg != (pre < 0)
+    lines += ["", f"autotune's choice: {kern.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
+              f"dpre rel. error {rel_err(d_k, ref_d):.1e} (the plain bf16 expression's: "
+              f"{rel_err(plain_bwd(g, down, pre_b), ref_d):.1e}); sign mismatches {miss.sum().item()} "
+              f"(all at |pre| < 1e-3: {bool((miss <= (pre.abs() < 1e-3)).all())})", ""]
+    return lines
+
+
 def bench_kernel_ops(tg):
     """train_gpt.py's fused kernels (FUSED_MLP, FUSED_CE_ENABLED) against the plain expressions on random bf16 data at the
     training shapes (49,152 tokens x 512 -> 2,048; logits 49,152 x 8,192): relative error of outputs and gradients
@@ -480,15 +525,8 @@ def bench_kernel_ops(tg):
     ref = [out.detach()] + [t.grad for t in r]
     blk = lambda u, w, fused: tg.BlockWeights(None, None, None, None, u, w, None, None, None, None, None, None, False, fused)
     lines += compare("MLP up+act+down", lambda fused: lambda a, u, w: tg.mlp(a, blk(u, w, fused), None, None), [a, up, down], g, ref)
-    x2, u2 = a.detach()[0], up.detach().bfloat16()
-    t_mm = do_bench(lambda: F.linear(x2, u2), return_mode="median")
-    t_up = do_bench(lambda: tg.mlp_up(x2, u2), return_mode="median")
-    hid, neg = tg.mlp_up(x2, u2)
-    pre = F.linear(x2.float(), u2.float())
-    lines += ["", f"mlp_up kernel alone: {t_up:.3f} ms ({2 * M * d * 4 * d / t_up / 1e9:.0f} TFLOP/s; cuBLAS matmul alone "
-              f"{t_mm:.3f} ms); best config {tg._mlp_up_kernel.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
-              f"sign mismatches {(neg != (pre < 0)).sum().item()} (|pre| < 1e-3 there: {bool(((neg != (pre < 0)) <= (pre.abs() < 1e-3)).all())})", ""]
-    del r, out, ref, hid, neg, pre
+    lines += mlp_kernel_configs(tg, a.detach()[0], up.detach().bfloat16(), down.detach().bfloat16(), g[0])
+    del r, out, ref
     hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     emb = (torch.randn(V, d, device=dev) * 0.35).bfloat16().requires_grad_()  # logits ~ N(0, 8^2): some saturate
     tgt = torch.randint(0, V, (1, M), device=dev)
