@@ -698,8 +698,8 @@ if triton is not None:
     # only: TTT changes the row count every chunk and must not re-tune each time.
     @triton.autotune(
         [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns, pre_hook=_boxes)
-         for m, n, k, nw, ns in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-                                 (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 128, 8, 2))],
+         for m, n, k, nw, ns in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 2), (256, 128, 64, 8, 2),
+                                 (64, 256, 64, 4, 4), (128, 128, 128, 4, 2), (128, 128, 32, 4, 6))],
         key=["N", "K", "FWD"],
     )
     @triton.jit
@@ -1122,10 +1122,9 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
     D = w.wq.size(0) // H
     if cap is not None:
         cap("attn.c_q", a)
-    # one matmul for q, k and v: a is read once and the backward's d a is one matmul, not three and two sums
-    qkv = F.linear(a, torch.cat((w.wq, w.wk, w.wv)).to(a.dtype)).split((H * D, KV * D, KV * D), -1)
-    q, k, v = (y if ab is None else y + lora_delta(a, ab).to(y.dtype) for y, ab in zip(qkv, lora[:3] if lora else (None,) * 3))
-    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+    q = linear(a, w.wq, lora and lora.q).view(B, T, H, D)
+    k = linear(a, w.wk, lora and lora.k).view(B, T, KV, D)
+    v = linear(a, w.wv, lora and lora.v).view(B, T, KV, D)
     cos, sin, dims = attn.rope
     q, k = apply_rope(rms(q), cos, sin, dims), apply_rope(rms(k), cos, sin, dims)
     q = q * w.q_gain.to(q.dtype)[:, None]
@@ -1144,7 +1143,7 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
 
 
 def mlp(a, w: BlockWeights, lora, cap):
-    if w.fused_mlp and cap is None and kernel_ok(a) and w.up.size(0) % 8 == 0:  # the GPTQ hook: plain path
+    if w.fused_mlp and cap is None and kernel_ok(a) and w.up.size(0) % 128 == 0:  # the GPTQ hook: plain path
         dt = torch.bfloat16 if torch.is_autocast_enabled() else a.dtype
         out = fused_mlp(a.flatten(0, -2).to(dt), w.up.to(dt), w.down.to(dt))[0].view_as(a)
     else:
