@@ -40,12 +40,14 @@ def rel(a, b):
 
 
 def test_sign_bits_round_trip_in_the_kernel_layout():
-    neg = torch.rand(9, 24) < 0.5
+    neg = torch.rand(9, 256) < 0.5
     bits = tg.pack_signs(neg)
-    assert bits.shape == (9, 3) and bits.dtype == torch.uint8 and torch.equal(tg.unpack_signs(bits), neg)
-    one = torch.zeros(1, 16, dtype=torch.bool)
-    one[0, 9] = True  # column 8j+i is bit i of byte j
-    assert tg.pack_signs(one).tolist() == [[0, 2]]
+    assert bits.shape == (9, 32) and bits.dtype == torch.uint8 and torch.equal(tg.unpack_signs(bits), neg)
+    one = torch.zeros(1, 256, dtype=torch.bool)
+    one[0, 16 * 3 + 5] = one[0, 128 + 2] = True  # per 128 columns, column 16i+j is bit i of byte j
+    expect = [0] * 32
+    expect[5], expect[16 + 2] = 8, 1
+    assert tg.pack_signs(one).tolist() == [expect]
 
 
 def test_fused_mlp_matches_autograd():
@@ -53,8 +55,8 @@ def test_fused_mlp_matches_autograd():
     in fp64, within bf16 rounding in bf16 (no worse than the plain expression's own bf16 autograd, both against
     fp64). It keeps hid and the bits, not the pre-activation, and hands no gradient to them."""
     torch.manual_seed(0)
-    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64) / 5, \
-        torch.randn(24, 40, dtype=torch.float64) / 6
+    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
+        torch.randn(24, 128, dtype=torch.float64) / 11
     g = torch.randn(37, 24, dtype=torch.float64)
     out, hid, bits = tg.fused_mlp(x, up, down)
     pre = F.linear(x, up)
@@ -94,9 +96,8 @@ def test_ops_compile_fullgraph_with_dynamic_rows():
     """Both ops inside torch.compile(fullgraph=True), rows marked dynamic as TTT does: one graph serves two row
     counts, and values and gradients equal eager's (inductor on CPU)."""
     torch.manual_seed(2)
-    w, emb = torch.randn(48, 16) / 4, torch.randn(20, 16) / 4
-
-    down = torch.randn(16, 48) / 7
+    w, emb = torch.randn(128, 16) / 4, torch.randn(20, 16) / 4
+    down = torch.randn(16, 128) / 11
 
     def f(x, t, w, down, emb):
         return tg.softcap_ce(F.linear(tg.fused_mlp(x, w, down)[0], emb), t, CAP)[0]
@@ -129,6 +130,7 @@ def _run(m, fused, monkeypatch):
     m = copy.deepcopy(m)
     m.h = dataclasses.replace(m.h, fused_mlp=fused, fused_ce_enabled=fused)  # the same weights, other kernel flags
     monkeypatch.setattr(tg, "kernel_ok", lambda x: True)  # CPU tensors through the ops' torch paths
+    monkeypatch.setattr(tg, "FUSED_MLP_MIN_ROWS", 64)  # this batch's 64 rows take the fused MLP
     called = []
     for name in ("fused_mlp", "softcap_ce"):
         real = getattr(tg, name)
@@ -139,18 +141,23 @@ def _run(m, fused, monkeypatch):
     loss = m(ids, y, tg.Fwd(2))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    mlp_calls = called.count("fused_mlp")
+    m.token_losses(ids[:1], y[:1], tg.Fwd(2))  # 32 rows: under FUSED_MLP_MIN_ROWS, plain
+    assert called.count("fused_mlp") == mlp_calls
     loras, head, _ = tg.new_adapters(m.h, m, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
     with torch.no_grad():
         head[1].normal_(0, 0.3, generator=g)
     cols = torch.stack([torch.arange(8, 16), torch.arange(20, 28)])
     ttt = m.token_losses(ids, y, tg.Fwd(2, tg.EAGER, loras, head), cols=cols)
     ttt.sum().backward()
+    assert called.count("fused_mlp") == mlp_calls  # TTT's calls (adapters) run plain: host-bound there
     return loss.detach(), grads, ttt.detach(), head[1].grad, set(called)
 
 
 def test_call_sites_use_the_ops_with_the_plain_results(model, monkeypatch):
     """mlp() and head_losses() with the flags on (the ops' torch paths standing in for the kernels) give the plain
-    path's loss, gradients and TTT scores; off CUDA the real kernel_ok keeps the plain path."""
+    path's loss, gradients and TTT scores; the MLP op only for calls of FUSED_MLP_MIN_ROWS rows or more and without
+    adapters; off CUDA the real kernel_ok keeps the plain path."""
     fused = _run(model, True, monkeypatch)
     plain = _run(model, False, monkeypatch)
     assert fused[4] == {"fused_mlp", "softcap_ce"} and plain[4] == set()
@@ -203,3 +210,17 @@ def test_triton_kernels_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_counted_code_keeps_the_kernels_constexpr_parameters():
+    """Triton takes tile sizes and switches as compile-time constants only through tl.constexpr annotations: the
+    minified counted code must keep argument annotations, or its kernels fail to compile on the GPU."""
+    pytest.importorskip("python_minifier")
+    wrapper, minified = tg.code_wrapper(open(tg.__file__, encoding="utf-8").read())
+    counted = {"__name__": "counted_train_gpt"}
+    exec(wrapper, counted)
+    assert minified
+    for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
+        flags = lambda mod: [(p.name, p.is_constexpr) for p in mod[name].fn.params]
+        assert flags(counted) == flags(vars(tg)) and any(c for _, c in flags(counted)), name
