@@ -192,8 +192,8 @@ class Hyperparameters:
     lqer_asym_group: int = 64  # B's group size; the symmetric path when it does not divide numel(B)
     # kernels (CUDA with Triton; elsewhere the plain expressions run)
     fused_ce_enabled: bool = True  # softcap + cross-entropy in one Triton pass over the bf16 logits (PR #1787)
-    # MLP up-projection + LeakyReLU(0.5)^2 in one Triton matmul: 2-4 GiB less activation memory, 1-3% slower steps
-    # than cuBLAS (PR #1530)
+    # the MLP's LeakyReLU(0.5)^2 in the epilogues of two Triton matmuls (PR #1530's idea), for calls of
+    # FUSED_MLP_MIN_ROWS rows or more without adapters: depth-4 steps 2% faster and 7 GiB smaller on an H200
     fused_mlp: bool = True
     # evaluation and TTT (PR #1626's phased score-first TTT)
     eval_seq_len: int = 2048  # scoring window of the plain and sliding evaluations
@@ -683,8 +683,8 @@ def kernel_ok(x):
 def pack_signs(neg):
     """[M, N] bool -> [M, N/8] uint8, the kernel's layout: in each group of 128 columns, bit i of byte j = column 16i+j
     (the kernel packs these 8% faster than 8 adjacent columns on an H200)."""
-    bits = neg.view(neg.size(0), -1, 8, 16).to(torch.uint8) << torch.arange(8, dtype=torch.uint8, device=neg.device)[:, None]
-    return bits.sum(-2, dtype=torch.uint8).flatten(-2)
+    shift = torch.arange(8, dtype=torch.uint8, device=neg.device)[:, None]
+    return (neg.view(neg.size(0), -1, 8, 16).to(torch.uint8) << shift).sum(-2, dtype=torch.uint8).flatten(-2)
 
 
 def unpack_signs(bits):
@@ -695,15 +695,17 @@ def unpack_signs(bits):
 if triton is not None:
     def _boxes(nargs):  # TMA boxes follow the config's tile (the descriptors are built with a dummy box)
         BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
-        for name, box in (("a", [BM, BK]), ("b", [BN, BK]), ("out", [BM, BN]), ("hid", [BM, BN]), ("signs", [BM, BN // 8])):
+        boxes = dict(a=[BM, BK], b=[BN, BK], out=[BM, BN], hid=[BM, BN], signs=[BM, BN // 8])
+        for name, box in boxes.items():
             nargs[name].block_shape = box
 
     # Persistent, TMA-fed tiles: one program per SM walks the tiles with the K loop flattened into the tile loop, so
-    # the next tile's loads overlap this tile's epilogue (K = 512 is only 4-8 steps). Keyed on N, K and the direction
-    # only: TTT changes the row count every chunk and must not re-tune each time.
+    # the next tile's loads overlap this tile's epilogue (K = 512 is only 8 steps of 64). Keyed on N, K and the
+    # direction only: rows change from call to call (evaluation batches) and must not re-tune each time.
     @triton.autotune(
         [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns, pre_hook=_boxes)
-         for m, n, k, nw, ns in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (128, 256, 64, 8, 2))],
+         for m, n, k, nw, ns in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
+                                 (128, 256, 64, 8, 2))],
         key=["N", "K", "FWD"],
     )
     @triton.jit
@@ -783,7 +785,7 @@ def _sms(device):
 
 
 def _mlp_mm(a, b, hid=None, signs=None):
-    """a @ b.T with the forward epilogue (returns hid, signs) or, given hid and signs, the backward one (returns dpre)."""
+    """a @ b.T with the forward epilogue (returns hid, signs) or, given hid and signs, the backward one (dpre)."""
     a, b = a.contiguous(), b.contiguous()
     (M, K), N, fwd = a.shape, b.size(0), hid is None
     out = a.new_empty(M, N)
@@ -796,8 +798,9 @@ def _mlp_mm(a, b, hid=None, signs=None):
     return (out, signs) if fwd else out
 
 
-# Explicit schemas: the counted (minified) code has no annotations for custom_op to infer them from.
-@torch.library.custom_op("pgolf::mlp", mutates_args=(), schema="(Tensor x, Tensor up, Tensor down) -> (Tensor, Tensor, Tensor)")
+# Explicit schemas: the ops' functions carry no type annotations for custom_op to infer them from.
+@torch.library.custom_op("pgolf::mlp", mutates_args=(),
+                         schema="(Tensor x, Tensor up, Tensor down) -> (Tensor, Tensor, Tensor)")
 def fused_mlp(x, up, down):
     """(hid @ down.T, hid, signs) for x [M, d], up [N, d], down [d, N]: hid = leaky_relu(x @ up.T, 0.5)^2 and signs =
     pack_signs(x @ up.T < 0). hid, which the down projection's gradient needs anyway, and one bit per hidden unit are
@@ -816,7 +819,8 @@ def _(x, up, down):
     return x.new_empty(M, down.size(0)), x.new_empty(M, N), x.new_empty(M, N // 8, dtype=torch.uint8)
 
 
-@torch.library.custom_op("pgolf::mlp_dpre", mutates_args=(), schema="(Tensor g, Tensor down, Tensor hid, Tensor signs) -> Tensor")
+@torch.library.custom_op("pgolf::mlp_dpre", mutates_args=(),
+                         schema="(Tensor g, Tensor down, Tensor hid, Tensor signs) -> Tensor")
 def mlp_dpre(g, down, hid, signs):
     """d loss / d pre = (g @ down) * f'(pre); f(p) = p^2 (p > 0), p^2/4 (p < 0): f' = 2 sqrt(f), -sqrt(f)."""
     if mlp_mm_ok(g, down.t()):
