@@ -774,14 +774,17 @@ def _ce_bwd_triton(z, targets, lse, g, softcap):
 
 
 def mlp_mm_ok(x, w):
-    """The Triton MLP kernels take CUDA bf16 rows with TMA-aligned widths (hidden a multiple of 128, model dim of 8)."""
-    return triton is not None and x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and w.size(0) % 128 == 0 \
-        and w.size(1) % 8 == 0
+    """The Triton MLP kernels take bf16 rows on a GPU with TMA (Hopper on) and TMA-aligned widths (hidden a multiple
+    of 128, model dim of 8); the ops' torch paths run everywhere else."""
+    return triton is not None and x.is_cuda and _sms(x.device) > 0 and x.dtype == w.dtype == torch.bfloat16 \
+        and w.size(0) % 128 == 0 and w.size(1) % 8 == 0
 
 
 @functools.cache
 def _sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """The persistent grid: one program per SM; 0 below Hopper (no TMA)."""
+    p = torch.cuda.get_device_properties(device)
+    return p.multi_processor_count if p.major >= 9 else 0
 
 
 def _mlp_mm(a, b, hid=None, signs=None):

@@ -224,3 +224,11 @@ def test_counted_code_keeps_the_kernels_constexpr_parameters():
     for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
         flags = lambda mod: [(p.name, p.is_constexpr) for p in mod[name].fn.params]
         assert flags(counted) == flags(vars(tg)) and any(c for _, c in flags(counted)), name
+
+
+def test_mlp_kernels_only_where_tma_exists(monkeypatch):
+    """Below Hopper (no TMA) the persistent grid is empty and mlp_mm_ok sends the ops down their torch paths."""
+    props = lambda major: type("Props", (), {"major": major, "multi_processor_count": 132})()
+    for major, sms in ((8, 0), (9, 132), (10, 132)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, major=major: props(major))
+        assert tg._sms.__wrapped__("cuda:0") == sms
