@@ -430,7 +430,8 @@ def mlp_kernel_configs(tg, x, up, down, g):
     pre = F.linear(x.float(), up.float())
     neg = tg.unpack_signs(signs)
     act_f = torch.compile(lambda x, w: F.leaky_relu(F.linear(x, w), 0.5).square())
-    plain_bwd = torch.compile(lambda g, w, p: torch.where(p > 0, 2 * p, 0.5 * p) * (g @ w))
+    dpre = lambda g, w, p: torch.where(p > 0, 2 * p, 0.5 * p) * (g @ w)
+    plain_bwd = torch.compile(dpre)
     pre_b = pre.bfloat16()
     lines = ["", f"MLP matmul kernel ({M:,} x {d} -> {N:,}; TFLOP/s of the matmul alone), per autotune candidate:", "",
              "| config | forward ms | TFLOP/s | backward (dpre) ms | TFLOP/s |", "|---|---|---|---|---|",
@@ -452,9 +453,9 @@ def mlp_kernel_configs(tg, x, up, down, g):
             print(lines[-1], flush=True)
     finally:
         kern.configs, kern.cache = configs, {}
-    tg._mlp_mm(x, up), tg._mlp_mm(g, down.t(), hid, signs)
-    ref_d = (g.float() @ down.float()) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    tg._mlp_mm(x, up)  # autotune again over every candidate, for best_config below
     d_k = tg._mlp_mm(g, down.t(), hid, signs)
+    ref_d = dpre(g.float(), down.float(), pre)
     miss = neg != (pre < 0)
     lines += ["", f"autotune's choice: {kern.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
               f"dpre rel. error {rel_err(d_k, ref_d):.1e} (the plain bf16 expression's: "
