@@ -57,6 +57,31 @@ def have_shared():
     return FINEWEB_SAMPLE.exists() and CASEOPS_TOKENIZER.exists()
 
 
+@pytest.fixture(autouse=True)
+def trainer_ops_stay_ours():
+    """A second load of train_gpt (a fresh import, an exec of the counted code) re-registers the pgolf:: custom ops,
+    which destroys the first module's registrations: its op objects then call a freed operator (std::bad_alloc or
+    worse, depending on the allocator). Such loads belong in a subprocess (run_python); this fails the test that
+    forgot."""
+    yield
+    tg = sys.modules.get("train_gpt")
+    if tg is not None:
+        from torch._library.custom_ops import OPDEFS, CustomOpDef
+        ours = [op for op in vars(tg).values() if isinstance(op, CustomOpDef)]
+        assert ours, "train_gpt defines no custom ops any more: update this fixture"
+        stale = [op._qualname for op in ours if OPDEFS.get(op._qualname) is not op]
+        assert not stale, f"this test re-registered train_gpt's custom ops {stale} in the test process: load copies in run_python"
+
+
+def run_python(code, timeout=300, **env):
+    """Runs code in a fresh interpreter with the repo on the path; returns its stdout (asserting success)."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **env)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def make_h(**fields):
     """train_gpt.Hyperparameters: the defaults (not the env) with fields overridden, built through the same
     constructor as from_env (derived fields follow); list fields may be given as their env strings ("1,3,4")."""

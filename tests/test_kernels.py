@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, make_h
+from conftest import REPO, make_h, run_python
 
 CAP = 30.0
 REAL_KERNEL_OK = tg.kernel_ok
@@ -217,13 +217,17 @@ def test_counted_code_keeps_the_kernels_constexpr_parameters():
     """Triton takes tile sizes and switches as compile-time constants only through tl.constexpr annotations: the
     minified counted code must keep argument annotations, or its kernels fail to compile on the GPU."""
     pytest.importorskip("python_minifier")
-    wrapper, minified = tg.code_wrapper(open(tg.__file__, encoding="utf-8").read())
-    counted = {"__name__": "counted_train_gpt"}
-    exec(wrapper, counted)
-    assert minified
-    for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
-        flags = lambda mod: [(p.name, p.is_constexpr) for p in mod[name].fn.params]
-        assert flags(counted) == flags(vars(tg)) and any(c for _, c in flags(counted)), name
+    out = run_python(textwrap.dedent("""
+        import train_gpt as tg
+        wrapper, minified = tg.code_wrapper(open(tg.__file__, encoding="utf-8").read())
+        assert minified
+        counted = {"__name__": "counted_train_gpt"}
+        exec(wrapper, counted)  # re-registers the custom ops: never in the test process
+        for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
+            print(name, [(p.name, p.is_constexpr) for p in counted[name].fn.params])"""))
+    flags = {name: [(p.name, p.is_constexpr) for p in getattr(tg, name).fn.params]
+             for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel")}
+    assert out.splitlines() == [f"{n} {f}" for n, f in flags.items()] and all(any(c for _, c in f) for f in flags.values())
 
 
 def test_mlp_kernels_only_where_tma_exists(monkeypatch):

@@ -1,8 +1,6 @@
 """CPU tests of train_gpt.py's MODEL section: causality, document isolation under packing, the attention backends,
 the recurrence layer schedule and depth curriculum, and the default parameter count (SPEC 4)."""
 import functools
-import gc
-import types
 
 import pytest
 
@@ -304,12 +302,7 @@ class ReferenceFA4:
 
 
 def use_fa4(monkeypatch, impl):
-    """Patch _FA4 in every copy of train_gpt ever loaded: the pgolf:: ops run the functions of the copy loaded last
-    (test_bad_input loads its own), which read their own module's globals."""
-    spaces = {id(f.__globals__): f.__globals__ for f in gc.get_objects()
-              if type(f) is types.FunctionType and f.__name__ == "_fa4_call"}
-    for g in spaces.values():
-        monkeypatch.setitem(g, "_FA4", impl)
+    monkeypatch.setattr(tg, "_FA4", impl)
 
 
 def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch):

@@ -1,13 +1,14 @@
 """Quantisation and packaging section of train_gpt.py (SPEC 6.3-6.6, 1.2, 8.2): CPU, small tensors."""
 import lzma
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ARTIFACT_FIX, assert_every_bit_flip_rejected
+from conftest import ARTIFACT_FIX, assert_every_bit_flip_rejected, run_python
 
 H_ARGS = SimpleNamespace(matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85, attn_clip_sigmas=13.0,
                          mlp_clip_sigmas=12.0, embed_clip_sigmas=15.0, gated_attn_quant_gate=True, lqer_enabled=False)
@@ -368,20 +369,24 @@ def test_code_wrapper_runs_the_code(monkeypatch, have_minifier):
 def test_counted_code_of_the_trainer_runs_as_the_trainer():
     """The counted code (the minified wrapper) must be the trainer: it defines everything (custom ops without the
     annotations the minifier strips, Triton kernels that read their source) and computes the same loss."""
-    src = open(tg.__file__, encoding="utf-8").read()
-    wrapper, _ = tg.code_wrapper(src)
-    assert len(wrapper.encode()) < len(src.encode())
-    counted = {"__name__": "counted_train_gpt"}
-    exec(wrapper, counted)
-    tiny = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-                parallel_start_layer=3, xsa_last_n=4, vocab_size=64, compile=False)
-    losses = []
-    for mod in (counted, vars(tg)):
-        torch.manual_seed(0)
-        model = mod["build_model"](mod["Hyperparameters"](**tiny), torch.device("cpu"))
-        with torch.no_grad():
-            model.mlp_down_bank.normal_(0, 0.02)  # trained-looking: the zero init would make every block an identity
-            model.qo_bank.normal_(0, 0.05)
-            ids = torch.randint(2, 64, (1, 40), generator=torch.Generator().manual_seed(1))
-            losses.append(model(ids[:, :-1], ids[:, 1:], mod["Fwd"](2)).item())
-    assert losses[0] == losses[1]
+    out = run_python(textwrap.dedent("""
+        import torch, train_gpt as tg
+        src = open(tg.__file__, encoding="utf-8").read()
+        wrapper, _ = tg.code_wrapper(src)
+        assert len(wrapper.encode()) < len(src.encode())
+        tiny = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
+                    parallel_start_layer=3, xsa_last_n=4, vocab_size=64, compile=False)
+        def loss(mod):
+            torch.manual_seed(0)
+            model = mod["build_model"](mod["Hyperparameters"](**tiny), torch.device("cpu"))
+            with torch.no_grad():
+                model.mlp_down_bank.normal_(0, 0.02)  # trained-looking: the zero init makes every block an identity
+                model.qo_bank.normal_(0, 0.05)
+                ids = torch.randint(2, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+                return model(ids[:, :-1], ids[:, 1:], mod["Fwd"](2)).item()
+        want = loss(vars(tg))
+        counted = {"__name__": "counted_train_gpt"}
+        exec(wrapper, counted)  # re-registers the custom ops (the counted copy's own): never in the test process
+        print(want, loss(counted))"""))
+    want, got = map(float, out.split())
+    assert got == want
