@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -65,8 +66,13 @@ def test_bad_env_is_one_line(tmp_path, monkeypatch):
     prints that one line before anything is written."""
     monkeypatch.setenv("NUM_LAYERS", "abc")
     monkeypatch.setenv("TTT_ENABLED", "on")
-    out = run_python("import train_gpt as tg\ntry:\n    tg.Hyperparameters.from_env()\nexcept tg.ConfigError as e:\n    print(e)")
-    assert re.match(r"^NUM_LAYERS='abc' is not an integer; .*; TTT_ENABLED='on'", out), out  # a fresh import under the bad env
+    out = run_python(textwrap.dedent("""
+        import train_gpt as tg  # a fresh import under the bad env
+        try:
+            tg.Hyperparameters.from_env()
+        except tg.ConfigError as e:
+            print(e)"""))
+    assert re.match(r"^NUM_LAYERS='abc' is not an integer; .*; TTT_ENABLED='on'", out), out
     r = run_script(dict(os.environ, ARTIFACT_DIR=str(tmp_path)), tmp_path)
     assert r.stderr.strip() == ("error: NUM_LAYERS='abc' is not an integer; fix or unset NUM_LAYERS (default 11); "
                                 "TTT_ENABLED='on' is not a boolean (1/0/true/false/yes/no); fix or unset TTT_ENABLED "

@@ -4,9 +4,6 @@ head_losses(), and (when triton is installed) the Triton kernels themselves unde
 import copy
 import dataclasses
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, make_h, run_python
+from conftest import make_h, run_python
 
 CAP = 30.0
 REAL_KERNEL_OK = tg.kernel_ok
@@ -207,9 +204,7 @@ print("ok")
 def test_triton_kernels_interpreted():
     """The Triton kernels on CPU tensors (TRITON_INTERPRET=1, set before triton is imported: a subprocess) against
     the ops' torch paths (a few seconds)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_python(textwrap.dedent(INTERPRETED), TRITON_INTERPRET="1").strip() == "ok"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -217,16 +212,16 @@ def test_counted_code_keeps_the_kernels_constexpr_parameters():
     """Triton takes tile sizes and switches as compile-time constants only through tl.constexpr annotations: the
     minified counted code must keep argument annotations, or its kernels fail to compile on the GPU."""
     pytest.importorskip("python_minifier")
-    out = run_python(textwrap.dedent("""
+    kernels = ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel")
+    out = run_python(textwrap.dedent(f"""
         import train_gpt as tg
         wrapper, minified = tg.code_wrapper(open(tg.__file__, encoding="utf-8").read())
         assert minified
-        counted = {"__name__": "counted_train_gpt"}
+        counted = {{"__name__": "counted_train_gpt"}}
         exec(wrapper, counted)  # re-registers the custom ops: never in the test process
-        for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"):
+        for name in {kernels}:
             print(name, [(p.name, p.is_constexpr) for p in counted[name].fn.params])"""))
-    flags = {name: [(p.name, p.is_constexpr) for p in getattr(tg, name).fn.params]
-             for name in ("_mlp_mm_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel")}
+    flags = {name: [(p.name, p.is_constexpr) for p in getattr(tg, name).fn.params] for name in kernels}
     assert out.splitlines() == [f"{n} {f}" for n, f in flags.items()] and all(any(c for _, c in f) for f in flags.values())
 
 

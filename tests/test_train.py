@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, make_h, prepared_vocab, tiny_env
+from conftest import REPO, make_h, prepared_vocab, run_python, tiny_env
 
 TRAIN_GPT = str(REPO / "train_gpt.py")
 
@@ -27,13 +27,9 @@ def test_empty_train_loop_phase_depths_env_selects_enable_looping_at():
     code = ("import train_gpt as tg; h = tg.Hyperparameters.from_env(); "
             "print(list(h.train_loop_phase_depths), [tg.loop_depth_at(h, f) for f in (0.3, 0.5)], "
             "list(h.train_loop_prewarm_depths))")
-    env = dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="", TRAIN_LOOP_PREWARM_DEPTHS="", ENABLE_LOOPING_AT="0.4")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[] [1, 3] []"
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRAIN_LOOP_PHASE_DEPTHS="1,4", ENABLE_LOOPING_AT="0.4"),
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "[1, 4] [1, 4] [3, 4]", r.stderr
+    out = run_python(code, 120, TRAIN_LOOP_PHASE_DEPTHS="", TRAIN_LOOP_PREWARM_DEPTHS="", ENABLE_LOOPING_AT="0.4")
+    assert out.strip() == "[] [1, 3] []"
+    assert run_python(code, 120, TRAIN_LOOP_PHASE_DEPTHS="1,4", ENABLE_LOOPING_AT="0.4").strip() == "[1, 4] [1, 4] [3, 4]"
 
 
 def test_record_env_names_we_do_not_read_are_warned_about(monkeypatch):
