@@ -99,6 +99,7 @@ class Hyperparameters:
     activation_memory_budget: float = 1.0
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     ttt_compile_model: bool = True  # with TTT_COMPILE: the TTT forward+backward as one graph (1.7-2.1x the row tok/s)
+    ttt_cuda_graphs: bool = True  # replay a long document's TTT tail steps as CUDA graphs (ChunkGraph)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
     eval_only: bool = False  # only score ARTIFACT (no training)
@@ -376,8 +377,8 @@ def record_line(kind, *args, **values):
     return RECORD_LINES[kind].format(*args, **values)
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, cache=True):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
 def sync(device):
@@ -2292,6 +2293,40 @@ def _rows(loras, head, rows):
     return [Lora(*(pick(ab) for ab in l)) for l in loras], pick(head)
 
 
+# A chunk step replays as a CUDA graph once a batch's rows and width stay fixed for this many chunks, with at most
+# this many rows: a long document's tail (one live row and its padding row, width TTT_EVAL_SEQ_LEN) is host-bound
+TTT_GRAPH_MIN_CHUNKS, TTT_GRAPH_MAX_ROWS = 8, 16
+
+
+class ChunkGraph:
+    """One TTT chunk step (row gather, forward, backward, AdamW) as a CUDA graph whose one input is the row table:
+    the first call is a real step on the capture stream (lazy workspaces), the second captures, then each replays.
+    Off CUDA the step just runs, through the same static row table (what the CPU tests check)."""
+
+    def __init__(self, step, meta, opt):
+        self.step, self.meta, self.opt, self.graph, self.stream = step, meta.clone(), opt, None, None
+
+    def __call__(self, meta):
+        self.meta.copy_(meta, non_blocking=True)
+        if not self.meta.is_cuda:
+            return self.step(self.meta)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.step(self.meta)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:  # (fused AdamW's math ignores `capturable`; left on, eager steps would warn)
+            self.graph = torch.cuda.CUDAGraph()
+            self.opt.param_groups[0]["capturable"] = True
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.out = self.step(self.meta)
+            self.opt.param_groups[0]["capturable"] = False
+        self.graph.replay()
+        return self.out
+
+
 def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None, keep=None):
     """Score a batch of documents chunk by chunk; after scoring chunk c, AdamW steps on exactly those tokens.
     Documents that have run out of chunks leave the batch, so long documents do not drag padding rows along.
@@ -2302,20 +2337,11 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
     n_chunks = (pred + C - 1) // C
     loras, head, opt = new_adapters(h, model, len(docs), device, gen, keep)
     run = model.token_losses if fns.model is None else model.whole
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
-    for c in range(int(n_chunks.max())):
-        rows = torch.nonzero(n_chunks > c).flatten()
-        end = torch.where(n_chunks[rows] - 1 == c, pred[rows], C * (c + 1))
-        ws = (end - W).clamp_min(0)
-        update = n_chunks[rows] - 1 > c  # a document's last chunk is scored, never trained on
-        width = min(C * (c + 1), W)
-        # per row: token offset of column 0, row length, first scored column, update flag
-        meta = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()])
-        live = len(rows)
-        if live == 1:  # a padding row rides along, nothing scored or trained: one row would need its own graphs
-            rows = torch.cat([rows, (rows + 1) % len(docs)])
-            meta = torch.cat([meta, torch.tensor([[0], [1], [C + 1], [0]])], 1)
-        base, lim, first, upd = meta.to(device, non_blocking=True)
+
+    def step(meta, rows, width, train):
+        """meta [4, rows] on the device: per row the token offset of column 0, row length, first scored column and
+        update flag. Returns the per-target losses [rows, C], which are scored, and (nll, targets, bytes, row tokens)."""
+        base, lim, first, upd = meta
         col = torch.arange(width, device=device)
         valid = col < lim[:, None]
         pos = torch.where(valid, base[:, None] + col, 0)
@@ -2324,26 +2350,47 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
         scored = cols >= first[:, None]
         cols = cols.clamp_min(0)
         nbytes = bytes_dev[base[:, None] + cols + 1].double()
-        for step in range(h.ttt_grad_steps if update.any() else 1):
-            sub_loras, sub_head = (
-                (loras, head) if len(rows) == live == len(docs) else _rows(loras, head, rows.to(device))
-            )
-            with autocast(device):
-                loss = run(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
-            if step == 0:
-                with torch.no_grad():
-                    m = scored.double()
-                    sums += torch.stack(
-                        [(loss.detach().double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_tensor(x.numel())]
-                    )
-                    if per_doc is not None:
-                        for i, k in enumerate(rows[:live].tolist()):
-                            per_doc[docs[k].start].append(loss.detach()[i][scored[i]].cpu())
-            if update.any():
-                per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
-                (per_doc_mean * upd).sum().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        sub_loras, sub_head = (loras, head) if rows is None else _rows(loras, head, rows)
+        with autocast(device, cache=False):  # (a cached cast would outlive a CUDA graph's capture)
+            loss = run(x, y, Fwd(h.eval_loop_depth, fns, sub_loras, sub_head), cols=cols)
+        if train:
+            per_doc_mean = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
+            (per_doc_mean * upd).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss, m = loss.detach(), scored.double()
+        return loss, scored, torch.stack([(loss.double() * m).sum(), m.sum(), (nbytes * m).sum(), m.new_full((), x.numel())])
+
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, bytes, row tokens computed
+    graph, graph_rows = None, None
+    for c in range(int(n_chunks.max())):
+        rows = torch.nonzero(n_chunks > c).flatten()
+        end = torch.where(n_chunks[rows] - 1 == c, pred[rows], C * (c + 1))
+        ws = (end - W).clamp_min(0)
+        update = n_chunks[rows] - 1 > c  # a document's last chunk is scored, never trained on
+        width = min(C * (c + 1), W)
+        meta = torch.stack([starts[rows] + ws, end - ws, C * c - ws, update.long()])
+        live = len(rows)
+        if live == 1:  # a padding row rides along, nothing scored or trained: one row would need its own graphs
+            rows = torch.cat([rows, (rows + 1) % len(docs)])
+            meta = torch.cat([meta, torch.tensor([[0], [1], [C + 1], [0]])], 1)
+        train = bool(update.any())
+        sub = None if len(rows) == live == len(docs) else rows.to(device)
+        if width == W and rows.tolist() != graph_rows:  # these rows and width now stay until one of them finishes
+            graph, graph_rows = None, rows.tolist()
+            if h.ttt_cuda_graphs and int(n_chunks[rows[:live]].min()) - c >= TTT_GRAPH_MIN_CHUNKS \
+                    and len(rows) <= TTT_GRAPH_MAX_ROWS:
+                graph = ChunkGraph(functools.partial(step, rows=sub, width=W, train=True), meta.to(device), opt)
+        for k in range(h.ttt_grad_steps if train else 1):
+            if graph is not None and train:
+                loss, scored, part = graph(meta)
+            else:
+                loss, scored, part = step(meta.to(device, non_blocking=True), sub, width, train)
+            if k == 0:
+                sums += part
+                if per_doc is not None:
+                    for i, d in enumerate(rows[:live].tolist()):
+                        per_doc[docs[d].start].append(loss[i][scored[i]].cpu())
     return sums
 
 
@@ -2406,13 +2453,13 @@ def global_sgd(h, model, val, docs, device, log, phase):
 
 def ttt_warmup(h, model, fns, device, log):
     """Compile before the eval timer, on random tokens (no validation data): the LoRA forward for a full batch of short
-    documents and one long one (many rows, the padded lone row, rows past the window), then one global-SGD
-    forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
+    documents and one long one (many rows, the padded lone row, rows past the window, a CUDA-graphed tail), then one
+    global-SGD forward/backward at this rank's row length (flex_attention's graphs). The weights are left untouched."""
     t0, g0 = time.perf_counter(), compiled_graphs()
     log("ttt_lora:warming up compile (random tokens, no val data)")
     model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
     C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
-    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + 3 * C + 1]
+    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + (TTT_GRAPH_MIN_CHUNKS + 3) * C + 1]  # its tail: a ChunkGraph
     starts = np.cumsum([0] + lens[:-1])
     toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
     toks[torch.from_numpy(starts).to(device)] = BOS_ID

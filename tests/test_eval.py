@@ -498,6 +498,37 @@ def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
     assert sums[2].item() == sum(val.bytes[d.start + 1 : d.start + d.length].sum().item() for d in docs)
 
 
+@pytest.mark.parametrize("opts", [{}, dict(ttt_lora_alpha=6.0, ttt_warm_start_a=True, ttt_grad_steps=2)],
+                         ids=["plain", "alpha_warm_a_2steps"])
+def test_ttt_tail_steps_through_the_chunk_graph_score_and_train_the_same(opts, monkeypatch):
+    """TTT_CUDA_GRAPHS: once a batch's rows and width stay fixed (here the 150-token document alone with its padding
+    row, then two long ones together), its chunk steps go through ChunkGraph's static row table (on CUDA a captured
+    graph). Every score, sum and trained adapter equals the plain loop's, and the graph is used for those segments
+    only: a stale row table, a missed update or a step run twice would all show."""
+    calls = []
+    real = tg.ChunkGraph.__call__
+    monkeypatch.setattr(tg.ChunkGraph, "__call__", lambda self, meta: calls.append(self.meta.shape[1]) or real(self, meta))
+    m = tiny_model(tiny_h())
+    val = make_val([150, 45, 20, 9, 180, 170, 33, 12])
+    docs = tg.find_docs(val.tokens)[:8]
+    out = {}
+    for graphs in (False, True):
+        h = tiny_h(ttt_cuda_graphs=graphs, **opts)
+        keep = [] if h.ttt_warm_start_a else None
+        per_doc, gen = defaultdict(list), torch.Generator().manual_seed(3)
+        sums = [tg.ttt_batch(h, m, tg.EAGER, val.tokens, val.bytes, b, CPU, gen, per_doc, keep) for b in (docs[:4], docs[4:])]
+        adapters = [t.detach().clone() for l in keep[1][0] for ab in l for t in ab[:2]] if keep else []
+        out[graphs] = sums, dict(per_doc), adapters
+    steps = opts.get("ttt_grad_steps", 1)
+    # docs[:4]: chunks 7 (width 64) to 17 of the lone 150-token row train, chunk 18 only scores; docs[4:]: 180 and
+    # 170 targets train together in chunks 7-21, then 180's last chunk (22) only scores
+    assert calls == [2] * 11 * steps + [2] * 15 * steps
+    (s0, p0, a0), (s1, p1, a1) = out[False], out[True]
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+    assert p0.keys() == p1.keys() and all(len(p0[k]) == len(p1[k]) and all(map(torch.equal, p0[k], p1[k])) for k in p0)
+    assert len(a0) == len(a1) and all(map(torch.equal, a0, a1))
+
+
 def test_ttt_warmup_leaves_weights_and_flags_untouched():
     """The warm-up before the timer trains LoRA adapters and runs a global-SGD backward on random tokens: the base
     weights it leaves behind must be bit-identical and frozen, so the scored model is the artifact's."""

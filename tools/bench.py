@@ -6,7 +6,7 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_TTT_MODES=eager,compiled,whole picks the TTT loop modes; BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
+BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, functools, os, re, subprocess, sys, time
@@ -363,46 +363,60 @@ def bench_attention():
 
 
 TTT_MODES = {  # BENCH_TTT_MODES: how the TTT loop runs
-    "eager": {"ttt_compile": False},
-    "compiled": {"ttt_compile": True, "ttt_compile_model": False},  # one graph per block function (TTT_COMPILE_MODEL=0)
-    "whole": {"ttt_compile": True, "ttt_compile_model": True},  # the whole model one graph (the default)
+    "eager": {"ttt_compile": False, "ttt_cuda_graphs": False},
+    "compiled": {"ttt_compile": True, "ttt_compile_model": False, "ttt_cuda_graphs": False},  # per-block graphs
+    "whole": {"ttt_compile": True, "ttt_compile_model": True, "ttt_cuda_graphs": False},  # the model one graph
+    "graphs": {"ttt_compile": True, "ttt_compile_model": True, "ttt_cuda_graphs": True},  # + CUDA graphs (default)
 }
-TTT_WORK = (("64 docs x 800 tokens", 64, 800), ("16 docs x 4,000 tokens", 16, 4000),
-            ("1 doc x 20,000 tokens (a long document's serial tail)", 1, 20000))
+TTT_WORK = (("64 docs x 800 tokens", [800] * 64), ("16 docs x 4,000 tokens", [4000] * 16),
+            ("1 doc x 20,000 tokens (a long document's serial tail)", [20000]),
+            ("16 docs: 1 x 20,000 + 15 x 3,000 (a tail in a full batch)", [20000] + [3000] * 15))
 
 
 def bench_ttt(tg):
     """Phased-TTT inner loop (score + LoRA step per 48-token chunk) at the eval depth on random weights: row tokens/s
     per GPU and ms per chunk step, per mode (BENCH_TTT_MODES), on 64 short docs (FineWeb-like), 16 long ones (rows at
-    the 2,048 window) and one long document alone (one live row plus its padding row: latency-bound)."""
+    the 2,048 window), one long document alone (one live row plus its padding row: latency-bound) and one long
+    document among short ones. Modes with the same compile settings share one model and one warm-up, and their
+    scores and trained adapters are compared bit for bit (the "same as" column)."""
     dev = torch.device("cuda")
-    rows = []
+    rows, built, results = [], {}, {}
     for mode in env_list("BENCH_TTT_MODES", list(TTT_MODES)):
         h = tg.Hyperparameters.from_env(**TTT_MODES[mode])
-        model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
-        model.requires_grad_(False)
-        warm = "-"
-        if h.ttt_compile:
-            t0, g0 = time.perf_counter(), tg.compiled_graphs()
-            tg.ttt_warmup(h, model, fns, dev, lambda msg: None)
-            warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
-        for name, n, length in TTT_WORK:
-            toks = synthetic_docs(n * length, h.vocab_size, mean_doc=10**9).cuda()
-            toks[::length] = tg.BOS_ID
-            docs = [tg.Doc(i * length, length + 1) for i in range(n)]
-            gen = torch.Generator(device=dev).manual_seed(0)
+        key = (h.ttt_compile, h.ttt_compile_model)
+        if key not in built:
+            for k in list(built):
+                del built[k]
+            torch.cuda.empty_cache()
+            torch.manual_seed(0)
+            model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
+            model.requires_grad_(False)
+            warm = "-"
+            if h.ttt_compile:
+                t0, g0 = time.perf_counter(), tg.compiled_graphs()
+                tg.ttt_warmup(h, model, fns, dev, lambda msg: None)
+                warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
+            built[key] = model, fns, warm
+        model, fns, warm = built[key]
+        for name, lengths in TTT_WORK:
+            toks = synthetic_docs(sum(lengths), h.vocab_size, mean_doc=10**9).cuda()
+            starts = np.cumsum([0] + lengths[:-1])
+            toks[torch.from_numpy(starts).cuda()] = tg.BOS_ID
+            docs = [tg.Doc(int(s0), n + 1) for s0, n in zip(starts, lengths)]
+            gen, keep = torch.Generator(device=dev).manual_seed(0), []
             g0 = tg.compiled_graphs()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sums = tg.ttt_batch(h, model, fns, toks, torch.ones_like(toks), docs, dev, gen)
+            sums = tg.ttt_batch(h, model, fns, toks, torch.ones_like(toks), docs, dev, gen, None, keep)
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
+            state = [sums] + [x.detach() for l in keep[1][0] for ab in l if ab is not None for x in ab[:2]]
+            same = [m for (m, w, k), st in results.items() if w == name and k == key and all(map(torch.equal, st, state))]
+            results[mode, name, key] = state
             rows.append(dict(mode=mode, work=name, s=t, row_tok_s=sums[3].item() / t, target_tok_s=sums[1].item() / t,
-                             chunk_ms=1000 * t / -(-length // h.ttt_chunk_size), warm=warm,
-                             new_graphs=tg.compiled_graphs() - g0))
+                             chunk_ms=1000 * t / -(-max(lengths) // h.ttt_chunk_size), warm=warm,
+                             new_graphs=tg.compiled_graphs() - g0, same=",".join(same) or "-"))
             print(rows[-1], flush=True)
-        del model
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -711,8 +725,9 @@ def main():
             emit([""] + part(), args.out)
     if "ttt" in sections:
         lines = ["", f"| TTT loop (depth {tg.Hyperparameters.from_env().eval_loop_depth}, chunk 48, window 2,048) | mode | s | row tok/s per GPU | "
-                 "scored tok/s per GPU | ms per chunk step | compile warm-up | graphs compiled in the loop |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['chunk_ms']:.1f} | {r['warm']} | {r['new_graphs']} |" for r in bench_ttt(tg)]
+                 "scored tok/s per GPU | ms per chunk step | compile warm-up | graphs compiled in the loop | scores and adapters bit-identical to |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['work']} | {r['mode']} | {r['s']:.1f} | {r['row_tok_s']:,.0f} | {r['target_tok_s']:,.0f} | {r['chunk_ms']:.1f} | {r['warm']} | {r['new_graphs']} | {r['same']} |" for r in bench_ttt(tg)]
         emit(lines, args.out)
     if args.e2e_docs:
         import gc
