@@ -2637,11 +2637,11 @@ def evaluate_artifact(h, device, log, val, path, t_start, fns):
         return
     ttt_fns = ttt_block_fns(h)
     try:
-        if h.ttt_compile:
+        if h.ttt_compile or h.ttt_cuda_graphs and device.type == "cuda":
             ttt_warmup(h, model, ttt_fns, device, log)
-    except torch._dynamo.exc.TorchDynamoException as e:  # after training: the saved artifact need not be lost
-        raise RuntimeError(f"torch.compile failed in the TTT warm-up ({type(e).__name__}); EVAL_ONLY=1 ARTIFACT={path} "
-                           "scores the saved artifact, with TTT_COMPILE_MODEL=0 (per-block graphs) or TTT_COMPILE=0") from e
+    except RuntimeError as e:  # compile or graph capture; after training: the saved artifact need not be lost
+        raise RuntimeError(f"the TTT warm-up failed ({type(e).__name__}); EVAL_ONLY=1 ARTIFACT={path} scores the saved "
+                           "artifact, with TTT_CUDA_GRAPHS=0, TTT_COMPILE_MODEL=0 (per-block graphs) or TTT_COMPILE=0") from e
     log("")
     log("beginning TTT eval timer")
     t0, g0 = time.perf_counter(), compiled_graphs()

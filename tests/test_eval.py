@@ -389,18 +389,20 @@ def test_evaluate_artifact_logs_counts_and_refuses_a_scorer_that_drops_a_batch(t
         tg.evaluate_artifact(tiny_h(**over), CPU, quiet, val, path, time.perf_counter(), tg.EAGER)
 
 
-def test_a_ttt_compile_failure_names_the_saved_artifact_and_the_way_out(tmp_path, monkeypatch):
-    """The TTT warm-up runs after training: when this torch cannot compile the TTT graphs, the message says how to
-    score the artifact already written instead of a bare traceback."""
+@pytest.mark.parametrize("error", [torch._dynamo.exc.TorchDynamoException("an op this torch cannot trace"),
+                                   RuntimeError("CUDA error: operation not permitted when stream is capturing")])
+def test_a_ttt_warmup_failure_names_the_saved_artifact_and_the_way_out(error, tmp_path, monkeypatch):
+    """The TTT warm-up runs after training: when this torch cannot compile the TTT graph or capture the tail's CUDA
+    graph, the message says how to score the artifact already written instead of a bare traceback."""
     h = tiny_h(ttt_compile=True)
     path = artifact_of(tiny_model(h), tmp_path / "a.ptz")
 
-    def cannot_compile(*a):
-        raise torch._dynamo.exc.TorchDynamoException("an op this torch cannot trace")
+    def fails(*a):
+        raise error
 
-    monkeypatch.setattr(tg, "ttt_warmup", cannot_compile)
-    with pytest.raises(RuntimeError, match=f"TTT warm-up \\(TorchDynamoException\\); EVAL_ONLY=1 ARTIFACT={re.escape(path)} "
-                                           "scores the saved artifact, with TTT_COMPILE_MODEL=0"):
+    monkeypatch.setattr(tg, "ttt_warmup", fails)
+    with pytest.raises(RuntimeError, match=f"TTT warm-up failed \\({type(error).__name__}\\); EVAL_ONLY=1 ARTIFACT={re.escape(path)} "
+                                           "scores the saved artifact, with TTT_CUDA_GRAPHS=0, TTT_COMPILE_MODEL=0"):
         tg.evaluate_artifact(h, CPU, quiet, make_val(padded([40, 12, 33])), path, time.perf_counter(), tg.EAGER)
 
 

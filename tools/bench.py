@@ -415,7 +415,7 @@ def bench_ttt(tg):
             results[mode, name, key] = state
             rows.append(dict(mode=mode, work=name, s=t, row_tok_s=sums[3].item() / t, target_tok_s=sums[1].item() / t,
                              chunk_ms=1000 * t / -(-max(lengths) // h.ttt_chunk_size), warm=warm,
-                             new_graphs=tg.compiled_graphs() - g0, same=",".join(same) or "-"))
+                             new_graphs=tg.compiled_graphs() - g0, same=",".join(same) or "-", nll=sums[0].item()))
             print(rows[-1], flush=True)
     return rows
 
