@@ -380,13 +380,11 @@ def bench_ttt(tg):
     document among short ones. Modes with the same compile settings share one model and one warm-up, and their
     scores and trained adapters are compared bit for bit (the "same as" column)."""
     dev = torch.device("cuda")
-    rows, built, results = [], {}, {}
+    rows, key = [], None
     for mode in env_list("BENCH_TTT_MODES", list(TTT_MODES)):
         h = tg.Hyperparameters.from_env(**TTT_MODES[mode])
-        key = (h.ttt_compile, h.ttt_compile_model)
-        if key not in built:
-            for k in list(built):
-                del built[k]
+        if key != (h.ttt_compile, h.ttt_compile_model):  # a new compile setting: the last one's model and states go
+            key, model, fns, states = (h.ttt_compile, h.ttt_compile_model), None, None, {}
             torch.cuda.empty_cache()
             torch.manual_seed(0)
             model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
@@ -396,8 +394,6 @@ def bench_ttt(tg):
                 t0, g0 = time.perf_counter(), tg.compiled_graphs()
                 tg.ttt_warmup(h, model, fns, dev, lambda msg: None)
                 warm = f"{time.perf_counter() - t0:.0f} s, {tg.compiled_graphs() - g0} graphs"
-            built[key] = model, fns, warm
-        model, fns, warm = built[key]
         for name, lengths in TTT_WORK:
             toks = synthetic_docs(sum(lengths), h.vocab_size, mean_doc=10**9).cuda()
             starts = np.cumsum([0] + lengths[:-1])
@@ -411,8 +407,8 @@ def bench_ttt(tg):
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
             state = [sums] + [x.detach() for l in keep[1][0] for ab in l if ab is not None for x in ab[:2]]
-            same = [m for (m, w, k), st in results.items() if w == name and k == key and all(map(torch.equal, st, state))]
-            results[mode, name, key] = state
+            same = [m for (m, w), st in states.items() if w == name and all(map(torch.equal, st, state))]
+            states[mode, name] = state
             rows.append(dict(mode=mode, work=name, s=t, row_tok_s=sums[3].item() / t, target_tok_s=sums[1].item() / t,
                              chunk_ms=1000 * t / -(-max(lengths) // h.ttt_chunk_size), warm=warm,
                              new_graphs=tg.compiled_graphs() - g0, same=",".join(same) or "-", nll=sums[0].item()))
