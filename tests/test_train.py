@@ -554,7 +554,7 @@ def test_in_loop_validation_runs_at_the_eval_depth(prepared_data, monkeypatch):
     seen, train_depths = [], []
     real_val, real_step = tg.eval_val, tg.training_step
     monkeypatch.setattr(tg, "eval_val", lambda *a: seen.append(a[-1].depth) or real_val(*a))
-    monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[-1].depth) or real_step(*a))
+    monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[7].depth) or real_step(*a))
     torch.manual_seed(0)
     tg.train(h, tg.build_model(h, cpu), cpu, lambda msg: None, val, tg.EAGER)
     assert train_depths == [1, 1] and seen == [3, 3, 3]
