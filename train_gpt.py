@@ -13,7 +13,7 @@ The pipeline (main), section by section:
   EVALUATION  the artifact reloaded and scored (BPB over original UTF-8 bytes), then
   TEST-TIME TRAINING  phased score-first TTT: per-document LoRA + global SGD on scored documents (the reported score)
 """
-import base64, contextlib, copy, functools, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
+import base64, copy, functools, glob, inspect, io, json, lzma, math, os, queue, sys, threading, time, uuid, zlib
 from datetime import timedelta
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
@@ -99,8 +99,7 @@ class Hyperparameters:
     activation_memory_budget: float = 1.0
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     ttt_compile_model: bool = True  # with TTT_COMPILE: the TTT forward+backward as one graph (1.7-2.1x the row tok/s)
-    ttt_cuda_graphs: bool = True  # replay a long document's TTT tail steps as CUDA graphs
-    train_cuda_graphs: bool = True  # replay training micro-steps as CUDA graphs (not with flex: host-built masks)
+    ttt_cuda_graphs: bool = True  # replay a long document's TTT tail steps as CUDA graphs (ChunkGraph)
     # attention kernel: fa3, fa4, flex, varlen or sdpa (default: fa3, else fa4 if importable, else flex on CUDA, sdpa)
     attn_backend: str = ""
     eval_only: bool = False  # only score ARTIFACT (no training)
@@ -421,35 +420,6 @@ def compiled_graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-class CudaGraphed:
-    """fn over static copies of its tensor arguments, as a CUDA graph: the first call is a real run on the capture
-    stream (compile, lazy workspaces), the second captures, then each replays. Off CUDA fn runs on the static copies
-    (what the CPU tests check). An output is valid until the next replay; graphs sharing `pool` must not overlap."""
-
-    def __init__(self, fn, *args, pool=None, capturing=contextlib.nullcontext):
-        self.fn, self.args, self.pool, self.capturing = fn, [a.clone() for a in args], pool, capturing
-        self.graph = self.stream = None
-
-    def __call__(self, *args):
-        for static, a in zip(self.args, args):
-            static.copy_(a, non_blocking=True)
-        if not self.args[0].is_cuda:
-            return self.fn(*self.args)
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                out = self.fn(*self.args)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with self.capturing(), torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
-                self.out = self.fn(*self.args)
-        self.graph.replay()
-        return self.out
-
-
 class Logger:
     file = None  # this process's open run log, for the error line of a DataError raised after it was opened
 
@@ -732,11 +702,12 @@ if triton is not None:
 
     # Persistent, TMA-fed tiles: one program per SM walks the tiles with the K loop flattened into the tile loop, so
     # the next tile's loads overlap this tile's epilogue (K = 512 is only 8 steps of 64). Keyed on N, K and the
-    # direction only: rows change from call to call (evaluation batches) and must not re-tune each time.
+    # direction only: rows change from call to call (evaluation batches) and must not re-tune each time. The configs:
+    # the fastest of each direction in tools/mlp_mm_sweep.py on an H200 (forward: 0.454 -> 0.410 ms per 98,304 rows).
     @triton.autotune(
         [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=nw, num_stages=ns, pre_hook=_boxes)
-         for m, n, k, nw, ns in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4),
-                                 (128, 256, 64, 8, 2))],
+         for m, n, k, nw, ns in ((128, 128, 64, 4, 5), (128, 128, 64, 8, 5), (128, 256, 64, 8, 3),
+                                 (128, 128, 64, 4, 4))],
         key=["N", "K", "FWD"],
     )
     @triton.jit
@@ -1054,8 +1025,7 @@ def attention_backend(asked):
 
 def kernels_line(h):
     line = (f"attn_backend:{h.attn_backend} fused_mlp:{int(h.fused_mlp and KERNELS_ON)} "
-            f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)} "
-            f"train_cuda_graphs:{int(h.train_cuda_graphs and h.attn_backend != 'flex' and torch.cuda.is_available())}")
+            f"fused_ce:{int(h.fused_ce_enabled and KERNELS_ON)}")
     fallback = _FA4_ERROR and h.attn_backend == "flex"
     return line + (f"\nWARNING: attention runs flex, not fa4: {fa4_unusable()}" if fallback else "")
 
@@ -1166,11 +1136,9 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
     D = w.wq.size(0) // H
     if cap is not None:
         cap("attn.c_q", a)
-    if lora is None:  # one matmul: `a` is read once, and the backward sums no three input gradients
-        q, k, v = F.linear(a, torch.cat([w.wq, w.wk, w.wv]).to(a.dtype)).split([H * D, KV * D, KV * D], -1)
-    else:
-        q, k, v = (linear(a, m, ab) for m, ab in ((w.wq, lora.q), (w.wk, lora.k), (w.wv, lora.v)))
-    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+    q = linear(a, w.wq, lora and lora.q).view(B, T, H, D)
+    k = linear(a, w.wk, lora and lora.k).view(B, T, KV, D)
+    v = linear(a, w.wv, lora and lora.v).view(B, T, KV, D)
     cos, sin, dims = attn.rope
     q, k = apply_rope(rms(q), cos, sin, dims), apply_rope(rms(k), cos, sin, dims)
     q = q * w.q_gain.to(q.dtype)[:, None]
@@ -1604,9 +1572,9 @@ class Muon:
 
 
 class Optimizers:
-    def __init__(self, h, model, keep_grads=False):
+    def __init__(self, h, model):
         banks, embed, scalars = param_groups(model)
-        self.h, self.params, self.keep_grads = h, list(model.parameters()), keep_grads
+        self.h, self.params = h, list(model.parameters())
         fused = dict(fused=True) if banks[0].is_cuda else {}
         ab = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
         self.adam = torch.optim.AdamW(
@@ -1627,11 +1595,8 @@ class Optimizers:
             g["lr"] = g["base_lr"] * mult
         self.adam.step()
         self.muon.step(h.matrix_lr * mult, muon_momentum_at(h, step), h.muon_wd * muon_wd_mult_at(h, frac))
-        if self.keep_grads:  # (a CUDA graph adds into these very tensors)
-            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
-        else:
-            for p in self.params:
-                p.grad = None
+        for p in self.params:
+            p.grad = None
 
     def state_dict(self):
         return copy.deepcopy(self.adam.state_dict()), self.muon.state_dict()
@@ -2334,12 +2299,33 @@ def _rows(loras, head, rows):
 TTT_GRAPH_MIN_CHUNKS, TTT_GRAPH_MAX_ROWS = 8, 16
 
 
-@contextlib.contextmanager
-def adam_capturable(opt):
-    """Fused AdamW's math ignores `capturable`, but capture requires it; left on, eager steps would warn."""
-    opt.param_groups[0]["capturable"] = True
-    yield
-    opt.param_groups[0]["capturable"] = False
+class ChunkGraph:
+    """One TTT chunk step (row gather, forward, backward, AdamW) as a CUDA graph whose one input is the row table:
+    the first call is a real step on the capture stream (lazy workspaces), the second captures, then each replays.
+    Off CUDA the step just runs, through the same static row table (what the CPU tests check)."""
+
+    def __init__(self, step, meta, opt):
+        self.step, self.meta, self.opt, self.graph, self.stream = step, meta.clone(), opt, None, None
+
+    def __call__(self, meta):
+        self.meta.copy_(meta, non_blocking=True)
+        if not self.meta.is_cuda:
+            return self.step(self.meta)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.step(self.meta)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:  # (fused AdamW's math ignores `capturable`; left on, eager steps would warn)
+            self.graph = torch.cuda.CUDAGraph()
+            self.opt.param_groups[0]["capturable"] = True
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.out = self.step(self.meta)
+            self.opt.param_groups[0]["capturable"] = False
+        self.graph.replay()
+        return self.out
 
 
 def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None, keep=None):
@@ -2395,8 +2381,7 @@ def ttt_batch(h, model, fns, val_dev, bytes_dev, docs, device, gen, per_doc=None
             graph, graph_rows = None, rows.tolist()
             if h.ttt_cuda_graphs and int(n_chunks[rows[:live]].min()) - c >= TTT_GRAPH_MIN_CHUNKS \
                     and len(rows) <= TTT_GRAPH_MAX_ROWS:
-                graph = CudaGraphed(functools.partial(step, rows=sub, width=W, train=True), meta.to(device),
-                                    capturing=functools.partial(adam_capturable, opt))
+                graph = ChunkGraph(functools.partial(step, rows=sub, width=W, train=True), meta.to(device), opt)
         for k in range(h.ttt_grad_steps if train else 1):
             if graph is not None and train:
                 loss, scored, part = graph(meta)
@@ -2475,7 +2460,7 @@ def ttt_warmup(h, model, fns, device, log):
     log("ttt_lora:warming up compile (random tokens, no val data)")
     model.requires_grad_(False)  # as in evaluation: graphs are specialised on which inputs need gradients
     C, W = h.ttt_chunk_size, h.ttt_eval_seq_len
-    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + (TTT_GRAPH_MIN_CHUNKS + 3) * C + 1]  # its tail: a CUDA graph
+    lens = [3 * C + 1] * (h.ttt_batch_size - 1) + [W + (TTT_GRAPH_MIN_CHUNKS + 3) * C + 1]  # its tail: a ChunkGraph
     starts = np.cumsum([0] + lens[:-1])
     toks = torch.randint(8, h.vocab_size, (sum(lens) + 1,), device=device)
     toks[torch.from_numpy(starts).to(device)] = BOS_ID
@@ -2550,43 +2535,19 @@ def eval_ttt_phased(h, model, fns, val, device, log, per_doc=None):
 # ----------------------------------------------------------------------------- TRAINING
 
 
-def micro_step(h, model, fwd, x, y, cu):
-    """One micro-batch's forward and backward; the gradients add into .grad."""
-    with autocast(x.device, cache=False):  # (a cached cast would outlive a CUDA graph's capture)
-        loss = model(x[None], y[None], fwd, cu)
-    (loss / h.grad_accum_steps).backward()
-    return loss.detach()
-
-
-class StepGraphs:
-    """TRAIN_CUDA_GRAPHS: the micro-step as a CudaGraphed per recurrence depth and cu_seqlens size, in one memory pool.
-    Its in-place gradient sums need .grad kept between steps (Optimizers zeroes it instead of dropping it)."""
-
-    def __init__(self, h, model, device):
-        self.h, self.model, self.cuda, self.graphs, self.pool = h, model, device.type == "cuda", {}, None
-
-    def __call__(self, fwd, x, y, cu):
-        key = (fwd.depth, cu.numel())
-        if key not in self.graphs:
-            if any(k[1] != key[1] for k in self.graphs):  # a new cu_seqlens size (256+ segments, rare): the pool's
-                self.graphs.clear()  # graphs go, as their memory and a real step's would not fit together
-            if not self.graphs and self.cuda:
-                torch.cuda.empty_cache()  # (releases a cleared pool)
-                self.pool = torch.cuda.graph_pool_handle()
-            self.graphs[key] = CudaGraphed(functools.partial(micro_step, self.h, self.model, fwd), x, y, cu, pool=self.pool)
-        return self.graphs[key](x, y, cu)
-
-
-def training_step(h, model, opt, loader, device, step, frac, fwd, graphs=None):
+def training_step(h, model, opt, loader, device, step, frac, fwd):
     total = 0.0
     for _ in range(h.grad_accum_steps):
-        batch = loader.next_batch()
-        total = total + (graphs(fwd, *batch) if graphs else micro_step(h, model, fwd, *batch))
+        x, y, cu = loader.next_batch()
+        with autocast(device):
+            loss = model(x[None], y[None], fwd, cu)
+        (loss / h.grad_accum_steps).backward()
+        total = total + loss.detach()
     opt.step(step, frac)
     return total / h.grad_accum_steps
 
 
-def warmup(h, model, opt, device, log, fns, graphs=None):
+def warmup(h, model, opt, device, log, fns):
     """Compile every graph the run will need (each depth of the schedule and TRAIN_LOOP_PREWARM_DEPTHS) before the
     timer starts, then restore the initial state."""
     if h.warmup_steps <= 0:
@@ -2598,15 +2559,10 @@ def warmup(h, model, opt, device, log, fns, graphs=None):
     for s in range(h.warmup_steps):
         depth = depths[s % len(depths)]
         try:
-            training_step(h, model, opt, loader, device, s, 0.0, Fwd(depth, fns), graphs)
+            training_step(h, model, opt, loader, device, s, 0.0, Fwd(depth, fns))
         except torch._dynamo.exc.TorchDynamoException as e:  # a torch build that cannot compile the graph: say the way out
             raise RuntimeError(f"torch.compile failed in the warm-up ({type(e).__name__}); COMPILE_MODEL=0 compiles "
                                "one graph per block function instead, COMPILE=0 runs eagerly") from e
-        except RuntimeError as e:
-            if graphs is None or isinstance(e, DataError):
-                raise
-            raise RuntimeError(f"the warm-up failed with CUDA graphs ({type(e).__name__}); TRAIN_CUDA_GRAPHS=0 runs "
-                               "the micro-steps without them") from e
         if s < 6 or s + 1 in (10, h.warmup_steps):
             sync(device)
             log(f"warmup_step: {s + 1}/{h.warmup_steps} depth:{depth} t:{time.perf_counter() - t0:.1f}s")
@@ -2615,9 +2571,8 @@ def warmup(h, model, opt, device, log, fns, graphs=None):
 
 
 def train(h, model, device, log, val, fns):
-    graphs = StepGraphs(h, model, device) if h.train_cuda_graphs and h.attn_backend != "flex" else None
-    opt = Optimizers(h, model, keep_grads=graphs is not None)
-    warmup(h, model, opt, device, log, fns, graphs)
+    opt = Optimizers(h, model)
+    warmup(h, model, opt, device, log, fns)
     torch.manual_seed(h.seed)
     ema, loader = EMA(model, h.ema_decay), TrainLoader(h, device)
     cap_ms = 1000 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else 0
@@ -2646,7 +2601,7 @@ def train(h, model, device, log, val, fns):
             enc, dec = layer_plan(h, depth)
             log(f"layer_loop:phase step:{step} frac:{frac:.3f} depth:{depth} encoder:{enc} decoder:{dec}")
             fwd = Fwd(depth, fns)
-        loss = training_step(h, model, opt, loader, device, step, frac, fwd, graphs)
+        loss = training_step(h, model, opt, loader, device, step, frac, fwd)
         ema.update()
         step += 1
         sync(device)
@@ -2665,7 +2620,6 @@ def train(h, model, device, log, val, fns):
     if device.type == "cuda":
         log(record_line("peak", alloc=torch.cuda.max_memory_allocated() // 2**20,
                         reserved=torch.cuda.max_memory_reserved() // 2**20))
-    model.zero_grad(set_to_none=True)
     log("ema:applying EMA weights")
     ema.apply()
     return train_ms

@@ -504,12 +504,12 @@ def test_ttt_head_on_chunk_columns_and_never_one_row(monkeypatch):
                          ids=["plain", "alpha_warm_a_2steps"])
 def test_ttt_tail_steps_through_the_chunk_graph_score_and_train_the_same(opts, monkeypatch):
     """TTT_CUDA_GRAPHS: once a batch's rows and width stay fixed (here the 150-token document alone with its padding
-    row, then two long ones together), its chunk steps go through CudaGraphed's static row table (on CUDA a captured
+    row, then two long ones together), its chunk steps go through ChunkGraph's static row table (on CUDA a captured
     graph). Every score, sum and trained adapter equals the plain loop's, and the graph is used for those segments
     only: a stale row table, a missed update or a step run twice would all show."""
     calls = []
-    real = tg.CudaGraphed.__call__
-    monkeypatch.setattr(tg.CudaGraphed, "__call__", lambda self, meta: calls.append(self.args[0].shape[1]) or real(self, meta))
+    real = tg.ChunkGraph.__call__
+    monkeypatch.setattr(tg.ChunkGraph, "__call__", lambda self, meta: calls.append(self.meta.shape[1]) or real(self, meta))
     m = tiny_model(tiny_h())
     val = make_val([150, 45, 20, 9, 180, 170, 33, 12])
     docs = tg.find_docs(val.tokens)[:8]

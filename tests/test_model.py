@@ -199,29 +199,6 @@ def test_bank_gradients_flow_through_one_unbind_per_bank(depth):
             torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_one_qkv_matmul_gives_the_three_projections_loss_and_gradients(depth):
-    """Without adapters q, k and v come from one matmul over the concatenated weights; with adapters (TTT) from three.
-    Zero adapters (B = 0) must leave the loss and every parameter gradient as the one matmul gives them."""
-    model = tiny_model(depth)
-    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(4))
-    enc, dec = tg.layer_plan(model.h, depth)
-    g = torch.Generator().manual_seed(5)
-    zero_ab = lambda n_out, n_in: (torch.randn(2, 4, n_in, generator=g), torch.zeros(2, n_out, 4))
-    kv = model.kv_bank.size(1)
-    loras = [tg.Lora(zero_ab(64, 64), zero_ab(kv, 64), zero_ab(kv, 64), None, None) for _ in enc + dec]
-    out = {}
-    for name, fwd in (("one", tg.Fwd(depth)), ("three", tg.Fwd(depth, loras=loras))):
-        model.zero_grad()
-        loss = model(ids[:, :-1], ids[:, 1:], fwd)
-        loss.backward()
-        out[name] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    torch.testing.assert_close(out["one"][0], out["three"][0], atol=1e-6, rtol=1e-6)
-    for n, grad in out["one"][1].items():
-        assert grad.abs().sum() > 0, n
-        torch.testing.assert_close(grad, out["three"][1][n], atol=1e-6, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------- attention backends
 
 

@@ -533,59 +533,6 @@ def test_a_compile_failure_in_the_warm_up_names_the_way_out(prepared_data):
         tg.warmup(h, model, tg.Optimizers(h, model), cpu, lambda msg: None, fns)
 
 
-def test_graphed_micro_steps_train_as_the_plain_ones(prepared_data):
-    """TRAIN_CUDA_GRAPHS: each micro-step runs on static copies of its batch (a CUDA graph on GPU) and adds into .grad
-    tensors that the optimizer zeroes instead of dropping. Two steps of two micro-batches each (other batches every
-    time) must leave the weights exactly as the plain path does: a stale batch copy or a gradient not zeroed between
-    steps would show."""
-    import copy
-    cpu = torch.device("cpu")
-    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **{**TINY_TRAIN, "grad_accum_steps": 2})
-    torch.manual_seed(0)
-    plain = tg.build_model(h, cpu)
-    graphed = copy.deepcopy(plain)
-    for model, graphs in ((plain, None), (graphed, tg.StepGraphs(h, graphed, cpu))):
-        opt, loader = tg.Optimizers(h, model, keep_grads=graphs is not None), tg.TrainLoader(h, cpu)
-        losses = [tg.training_step(h, model, opt, loader, cpu, s, 0.5, tg.Fwd(3), graphs) for s in range(2)]
-        assert losses[0] != losses[1]
-    assert len(graphs.graphs) == 1 and all(p.grad is not None and not p.grad.any() for p in graphed.parameters())
-    for (k, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
-        assert torch.equal(a, b), k
-
-
-def test_step_graphs_keep_one_cu_size(prepared_data, monkeypatch):
-    """Graphs share one memory pool per cu_seqlens size: a new size (a micro-batch of 256+ segments) drops the others
-    first, as their pool and an uncaptured step's memory need not fit together; another depth keeps them."""
-    monkeypatch.setattr(tg, "micro_step", lambda *a: torch.zeros(()))
-    graphs = tg.StepGraphs(None, None, torch.device("cpu"))
-    x = torch.zeros(8, dtype=torch.long)
-    for depth, n in ((1, 256), (4, 256), (4, 512), (1, 512), (1, 256)):
-        graphs(tg.Fwd(depth), x, x, torch.zeros(n, dtype=torch.int32))
-    assert sorted(graphs.graphs) == [(1, 256)]
-    graphs(tg.Fwd(4), x, x, torch.zeros(256, dtype=torch.int32))
-    assert sorted(graphs.graphs) == [(1, 256), (4, 256)]
-
-
-@pytest.mark.parametrize("error", [RuntimeError("operation not permitted when stream is capturing"),
-                                   tg.DataError("shard fineweb_train_000001.bin: header mismatch")])
-def test_a_graph_failure_in_the_warm_up_names_the_way_out(prepared_data, monkeypatch, error):
-    """A micro-step that cannot be captured fails in the warm-up, before the timer, naming TRAIN_CUDA_GRAPHS=0; a data
-    error stays the data error (its one-line message)."""
-    cpu = torch.device("cpu")
-    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN)
-    model = tg.build_model(h, cpu)
-
-    def fail(*a):
-        raise error
-
-    monkeypatch.setattr(tg.CudaGraphed, "__call__", fail)
-    expect = "TRAIN_CUDA_GRAPHS=0 runs the micro-steps without them" if type(error) is RuntimeError else "header mismatch"
-    with pytest.raises(RuntimeError, match=expect) as e:
-        tg.warmup(h, model, tg.Optimizers(h, model, keep_grads=True), cpu, lambda msg: None, tg.EAGER,
-                  tg.StepGraphs(h, model, cpu))
-    assert (e.value is error) == isinstance(error, tg.DataError)
-
-
 class FixedBatches:
     """The first training batch of the shards, every time."""
 
@@ -607,7 +554,7 @@ def test_in_loop_validation_runs_at_the_eval_depth(prepared_data, monkeypatch):
     seen, train_depths = [], []
     real_val, real_step = tg.eval_val, tg.training_step
     monkeypatch.setattr(tg, "eval_val", lambda *a: seen.append(a[-1].depth) or real_val(*a))
-    monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[7].depth) or real_step(*a))
+    monkeypatch.setattr(tg, "training_step", lambda *a: train_depths.append(a[-1].depth) or real_step(*a))
     torch.manual_seed(0)
     tg.train(h, tg.build_model(h, cpu), cpu, lambda msg: None, val, tg.EAGER)
     assert train_depths == [1, 1] and seen == [3, 3, 3]
