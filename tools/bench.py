@@ -7,7 +7,7 @@
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
 BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
-share of the record step); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
+share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section; BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, functools, os, re, subprocess, sys, time
 
@@ -294,7 +294,8 @@ def profile_step(tg, steps, depths=(1, 4)):
                   "| category | ms per step | share |", "|---|---|---|"]
         lines += [f"| {c} | {ms:.2f} | {100 * ms / wall:.1f}% |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
         lines += ["", "| top kernels (part, name) | ms per step |", "|---|---|"]
-        lines += [f"| {p}: `{k}` | {ms:.2f} |" for (p, k), ms in sorted(top.items(), key=lambda kv: -kv[1])[:15]]
+        top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
+        lines += [f"| {p}: `{k}` | {ms:.2f} |" for (p, k), ms in sorted(top.items(), key=lambda kv: -kv[1])[:top_n]]
         print("\n".join(lines), flush=True)
     return lines
 
