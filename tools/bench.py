@@ -18,7 +18,9 @@ import torch._inductor.config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
-def cuda_time_ms(fn, iters=10, warmup=3):
+def cuda_time_ms(fn, iters=10, warmup=3, per=1):
+    """Median ms of fn over `iters` timings, each of `per` back-to-back calls (per > 1: kernel time without launch
+    latency, for calls that keep the GPU busy)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -26,10 +28,11 @@ def cuda_time_ms(fn, iters=10, warmup=3):
     times = []
     for _ in range(iters):
         start.record()
-        fn()
+        for _ in range(per):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / per)
     return float(np.median(times))
 
 

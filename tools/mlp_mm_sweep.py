@@ -5,7 +5,7 @@ plain cuBLAS matmul of the same shape: where its autotune list comes from (issue
 
 Each timing is the median over 20 rounds of 10 back-to-back launches (kernel time, not launch latency). `exact` says
 whether the config's output equals the autotuned kernel's bit for bit. Needs a Hopper GPU (TMA)."""
-import itertools, os, sys
+import functools, itertools, os, sys
 
 import torch
 import triton
@@ -13,6 +13,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg
+from bench import cuda_time_ms
+
+ms = functools.partial(cuda_time_ms, iters=20, per=10)
 
 M, N, K = (int(v) for v in sys.argv[1:4]) if len(sys.argv) > 3 else (98304, 2048, 512)
 dev = torch.device("cuda")
@@ -22,21 +25,6 @@ down = torch.randn(K, N, device=dev, dtype=torch.bfloat16) / N**0.5
 ref_hid, ref_signs = tg._mlp_mm(x, up)
 ref_d = tg._mlp_mm(g, down.t(), ref_hid, ref_signs)
 sms = tg._sms(dev)
-
-
-def ms(fn, rounds=20, per=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end, ts = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(per):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        ts.append(start.elapsed_time(end) / per)
-    return sorted(ts)[len(ts) // 2]
 
 
 def config_ms(fwd, BM, BN, BK, warps, stages):
