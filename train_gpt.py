@@ -132,7 +132,7 @@ class Hyperparameters:
     enable_looping_at: float = 0.35  # PR #1736's switch to depth NUM_LOOPS+1 (TRAIN_LOOP_PHASE_DEPTHS empty)
     train_loop_phase_depths: tuple = (1, 3, 4)  # PR #1756's depth curriculum; empty: PR #1736's switch
     train_loop_phase_fractions: tuple = ()  # shares of the run per curriculum phase (empty: equal)
-    train_loop_prewarm_depths: tuple = (3, 4)  # depths compiled in the warm-up besides 1 and the curriculum
+    train_loop_prewarm_depths: tuple = (3, 4)  # depths compiled in the warm-up besides the curriculum's
     eval_loop_depth: int = 4  # depth of every evaluation, GPTQ calibration and TTT
     parallel_start_layer: int = 8  # layers from here on run attention and MLP as parallel lanes
     parallel_final_lane: str = "mean"  # final hidden: mean of the lanes, or attn / mlp lane
@@ -2554,7 +2554,7 @@ def warmup(h, model, opt, device, log, fns):
         return
     model_state, opt_state = copy.deepcopy(model.state_dict()), opt.state_dict()
     loader = TrainLoader(h, device)
-    depths = sorted({1, *(d for _, d in h.depth_schedule), *h.train_loop_prewarm_depths} - {0})
+    depths = sorted({*(d for _, d in h.depth_schedule), *h.train_loop_prewarm_depths} - {0})
     t0 = time.perf_counter()
     for s in range(h.warmup_steps):
         depth = depths[s % len(depths)]

@@ -489,6 +489,21 @@ TINY_TRAIN = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_
                   train_seq_len=128, eval_seq_len=128, compile=False, warmup_steps=3, train_loop_prewarm_depths="3")
 
 
+def test_warmup_compiles_only_the_depths_the_run_trains_at(prepared_data):
+    """A schedule that trains at one depth from step 0 (TRAIN_LOOP_PHASE_DEPTHS=3, no prewarm) warms up that depth
+    only: a depth-1 graph would cost ~55 s of compile on a GPU for a graph the run never uses."""
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data),
+               **{**TINY_TRAIN, "train_loop_prewarm_depths": "", "train_loop_phase_depths": "3"})
+    lines = []
+    model = tg.build_model(h, torch.device("cpu"))
+    tg.warmup(h, model, tg.Optimizers(h, model), torch.device("cpu"), lines.append, tg.EAGER)
+    assert [re.search(r"depth:(\d+)", m)[1] for m in lines] == ["3"] * 3
+    h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN)
+    lines = []
+    tg.warmup(h, model, tg.Optimizers(h, model), torch.device("cpu"), lines.append, tg.EAGER)
+    assert {re.search(r"depth:(\d+)", m)[1] for m in lines} == {"1", "3", "4"}  # default 1 -> 4, prewarm 3
+
+
 def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
     """Warm-up trains (to compile every graph) and must then restore everything: the model equals its initial
     weights, every optimizer state tensor equals a fresh optimizer's, and the first real step equals a step of a
