@@ -208,6 +208,19 @@ def test_triton_kernels_interpreted():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_mlp_kernel_compiles_for_hopper_in_every_config():
+    """Triton's real compiler, not its interpreter, for sm_90a on this CPU machine (tools/kernel_compile_check.py):
+    every autotune config of the fused MLP matmul compiles in both directions (the compiler rejects what the
+    interpreter runs, e.g. a reshape the accumulator's layout cannot take), and each direction keeps a config within
+    a block's shared memory (the autotuner skips the others; none left would fail a paid run's warm-up)."""
+    import kernel_compile_check as kc
+    for fwd in (True, False):
+        usage = [kc.resources(kc.compile_mlp_mm(cfg, fwd)) for cfg in tg._mlp_mm_kernel.configs]
+        assert all(regs > 0 for _, regs, _ in usage)
+        assert any(shared <= kc.SMEM_PER_BLOCK for shared, _, _ in usage), (fwd, usage)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_counted_code_keeps_the_kernels_constexpr_parameters():
     """Triton takes tile sizes and switches as compile-time constants only through tl.constexpr annotations: the
     minified counted code must keep argument annotations, or its kernels fail to compile on the GPU."""
