@@ -501,7 +501,7 @@ def test_warmup_compiles_only_the_depths_the_run_trains_at(prepared_data):
     h = make_h(data_dir=str(prepared_data), vocab_size=prepared_vocab(prepared_data), **TINY_TRAIN)
     lines = []
     tg.warmup(h, model, tg.Optimizers(h, model), torch.device("cpu"), lines.append, tg.EAGER)
-    assert {re.search(r"depth:(\d+)", m)[1] for m in lines} == {"1", "3", "4"}  # default 1 -> 4, prewarm 3
+    assert {re.search(r"depth:(\d+)", m)[1] for m in lines} == {"1", "3", "4"}  # the default 1 -> 3 -> 4 curriculum
 
 
 def test_warmup_leaves_model_and_optimizers_as_fresh_ones(prepared_data):
