@@ -9,7 +9,7 @@ same way, so a kernel edit that Triton's real compiler rejects fails in CI, not 
 
 A config that needs more than the 227 KB of shared memory an H100/H200 block can have, or one that spills, shows here
 in seconds instead of in an autotune log on the GPU."""
-import os, re, subprocess, sys, tempfile
+import os, re, subprocess, sys, tempfile, types
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -25,11 +25,11 @@ SMEM_PER_SM, SMEM_PER_BLOCK, REGS_PER_SM, SMS = 228 * 1024, 227 * 1024, 65536, 1
 def compile_mlp_mm(cfg, fwd):
     """The kernel of one autotune config and direction, compiled for sm_90a (no GPU needed)."""
     kw = cfg.kwargs
-    BM, BN, BK = kw["BM"], kw["BN"], kw["BK"]
-    desc = lambda dt, r, c: f"tensordesc<{dt}[{r},{c}]>"
-    sig = dict(a=desc("bf16", BM, BK), b=desc("bf16", BN, BK), out=desc("bf16", BM, BN), hid=desc("bf16", BM, BN),
-               signs=desc("u8", BM, BN // 8), M="i32", N="i32", K="i32",
-               **{n: "constexpr" for n in ("FWD", "SMS", *kw)})
+    dtypes = dict(a="bf16", b="bf16", out="bf16", hid="bf16", signs="u8")
+    boxes = {name: types.SimpleNamespace() for name in dtypes}
+    tg._boxes({**boxes, **kw})  # the TMA box of each descriptor, as the launch sets it
+    sig = {**{n: f"tensordesc<{dt}[{','.join(map(str, boxes[n].block_shape))}]>" for n, dt in dtypes.items()},
+           "M": "i32", "N": "i32", "K": "i32", **{n: "constexpr" for n in ("FWD", "SMS", *kw)}}
     src = ASTSource(fn=tg._mlp_mm_kernel.fn, signature=sig, constexprs=dict(FWD=fwd, SMS=SMS, **kw))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
