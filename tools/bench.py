@@ -6,8 +6,8 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
-share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section; BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
+BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt,model_io16 and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
+share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section (BENCH_DEPTHS=4 profiles only depth 4); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, functools, os, re, subprocess, sys, time
 
@@ -72,6 +72,10 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     "blocks": {"compile_model": False},  # each block function its own graph, Python glue between them (COMPILE_MODEL=0)
     "model": {"compile_model": True},  # the whole forward+backward one graph per depth (the default)
     "model_cdt": {"compile_model": True, "inductor": {"coordinate_descent_tuning": True}},  # Inductor tunes its kernels
+    # no fused kernel with more than 16 / 24 distinct buffers: at depth 4 Inductor fuses the ~20 layers' gradients of x0
+    # into the norm backward of one kernel (6.4 ms of a 151 ms step on an H200 against 0.74 ms at depth 1)
+    "model_io16": {"compile_model": True, "inductor": {"max_fusion_unique_io_buffers": 16}},
+    "model_io24": {"compile_model": True, "inductor": {"max_fusion_unique_io_buffers": 24}},
     # the partitioner recomputes cheap ops in the backward instead of saving them, down to this share of the saved bytes
     "model_mem": {"compile_model": True, "activation_memory_budget": 0.8},
     "model_fused_mlp": {"compile_model": True, "fused_mlp": True},  # FUSED_MLP=1 inside the whole graph
@@ -243,6 +247,20 @@ def kernel_category(name):
     return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in n for k in keys)), "other")
 
 
+def add_kernel_times(cats, top, part, events, steps):
+    """Adds the profiler's CUDA kernel events (per-step ms) into cats {category: ms} and top {(part, full kernel name):
+    (ms, calls)}. By full name: Inductor's kernel names share long prefixes, and one cut to a prefix sums different
+    kernels (a depth-4 "kernel" of 8.66 ms was a sum of that kind)."""
+    for e in events:
+        us = e.device_time_total
+        if us <= 0 or not str(e.device_type).endswith("CUDA"):  # kernels only: CPU ops would count them twice
+            continue
+        cat = "optimizer (all kernels)" if part == "optimizer" else kernel_category(e.key)
+        cats[cat] = cats.get(cat, 0.0) + us / 1000 / steps
+        ms, calls = top.get((part, e.key), (0.0, 0))
+        top[(part, e.key)] = (ms + us / 1000 / steps, calls + e.count // steps)
+
+
 def profile_step(tg, steps, depths=(1, 4)):
     """Per-op profile of one GPU's training step (98,304 tokens, compiled, fused CE on): GPU kernel time by category
     for forward+backward and for the optimizer step (profiled apart, so the split is exact), and the idle share
@@ -283,22 +301,16 @@ def profile_step(tg, steps, depths=(1, 4)):
                 for _ in range(steps):
                     fn()
                 torch.cuda.synchronize()
-            for e in prof.key_averages():
-                us = e.device_time_total
-                if us <= 0 or not str(e.device_type).endswith("CUDA"):  # kernels only: CPU ops would count them twice
-                    continue
-                cat = "optimizer (all kernels)" if part == "optimizer" else kernel_category(e.key)
-                cats[cat] = cats.get(cat, 0.0) + us / 1000 / steps
-                top[(part, e.key[:90])] = top.get((part, e.key[:90]), 0.0) + us / 1000 / steps
+            add_kernel_times(cats, top, part, prof.key_averages(), steps)
         busy = sum(cats.values())
         cats["idle (launch gaps, host work, syncs)"] = max(0.0, wall - busy)
         lines += ["", f"Per-op profile, depth {depth}: one GPU's compiled training step ({T:,} tokens, 1 micro-batch), "
                   f"{wall:.1f} ms wall ({T / wall * 1000:,.0f} tok/s)", "",
                   "| category | ms per step | share |", "|---|---|---|"]
         lines += [f"| {c} | {ms:.2f} | {100 * ms / wall:.1f}% |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
-        lines += ["", "| top kernels (part, name) | ms per step |", "|---|---|"]
+        lines += ["", "| top kernels (part, name) | calls per step | ms per step |", "|---|---|---|"]
         top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
-        lines += [f"| {p}: `{k}` | {ms:.2f} |" for (p, k), ms in sorted(top.items(), key=lambda kv: -kv[1])[:top_n]]
+        lines += [f"| {p}: `{k[:100]}` | {n} | {ms:.2f} |" for (p, k), (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]]
         print("\n".join(lines), flush=True)
     return lines
 
@@ -718,7 +730,7 @@ def main():
     if "saved" in sections:
         emit(saved_activations(tg), args.out)
     if "profile" in sections:
-        emit(profile_step(tg, args.steps), args.out)
+        emit(profile_step(tg, args.steps, [int(d) for d in env_list("BENCH_DEPTHS", ["1", "4"])]), args.out)
     if "kernels" in sections:
         for part in (lambda: bench_kernel_ops(tg), lambda: bench_kernel_training(tg, args.steps, args.kernel_combos.split(",")),
                      lambda: bench_kernel_ttt(tg)):

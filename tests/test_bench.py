@@ -1,0 +1,33 @@
+"""tools/bench.py's CPU-side parts: the profile table's aggregation and the compile modes a device run will ask for."""
+from types import SimpleNamespace
+
+import torch._inductor.config
+
+import bench
+
+
+def kernel_event(name, us, count, device="DeviceType.CUDA"):
+    return SimpleNamespace(key=name, device_time_total=us, count=count, device_type=device)
+
+
+def test_profile_keeps_kernels_that_share_a_long_name_prefix_apart():
+    """Two Inductor kernels whose names differ only after 90 characters are two rows with their own calls; CPU-side
+    events (which would count the kernels twice) are skipped; times are per step."""
+    stem = "triton_per_fused__fused_rms_norm__fused_rms_norm_backward__to_copy_add_mul_select_sum_view"
+    events = [kernel_event(stem + "_55", 6410.0 * 2, 2), kernel_event(stem + "_12", 740.0 * 2, 2),
+              kernel_event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 13010.0 * 2, 242),
+              kernel_event(stem + "_55", 99999.0, 2, device="DeviceType.CPU")]
+    cats, top = {}, {}
+    bench.add_kernel_times(cats, top, "fwd+bwd", events, steps=2)
+    assert top == {("fwd+bwd", stem + "_55"): (6.41, 1), ("fwd+bwd", stem + "_12"): (0.74, 1),
+                   ("fwd+bwd", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"): (13.01, 121)}
+    assert abs(sum(cats.values()) - (6.41 + 0.74 + 13.01)) < 1e-9 and cats["matmul"] == 13.01
+    bench.add_kernel_times(cats, top, "optimizer", [kernel_event("some_kernel", 500.0, 1)], steps=1)
+    assert cats["optimizer (all kernels)"] == 0.5 and top[("optimizer", "some_kernel")] == (0.5, 1)
+
+
+def test_compile_modes_name_real_inductor_options():
+    """A misspelt Inductor option would only fail on the GPU machine, after its start-up was paid."""
+    for mode, over in bench.COMPILE_MODES.items():
+        for key in over.get("inductor", {}):
+            assert hasattr(torch._inductor.config, key), (mode, key)
