@@ -76,6 +76,9 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     # into the norm backward of one kernel (6.4 ms of a 151 ms step on an H200 against 0.74 ms at depth 1)
     "model_io16": {"compile_model": True, "inductor": {"max_fusion_unique_io_buffers": 16}},
     "model_io24": {"compile_model": True, "inductor": {"max_fusion_unique_io_buffers": 24}},
+    # reductions autotuned instead of given one heuristic config (for a 512-wide inner reduction over many rows: 2 rows
+    # per program, one warp; the kernel above holds 20+ inputs in that one warp's registers)
+    "model_atpw": {"compile_model": True, "inductor": {"max_autotune_pointwise": True}},
     # the partitioner recomputes cheap ops in the backward instead of saving them, down to this share of the saved bytes
     "model_mem": {"compile_model": True, "activation_memory_budget": 0.8},
     "model_fused_mlp": {"compile_model": True, "fused_mlp": True},  # FUSED_MLP=1 inside the whole graph
