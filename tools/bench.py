@@ -79,6 +79,8 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     # reductions autotuned instead of given one heuristic config (for a 512-wide inner reduction over many rows: 2 rows
     # per program, one warp; the kernel above holds 20+ inputs in that one warp's registers)
     "model_atpw": {"compile_model": True, "inductor": {"max_autotune_pointwise": True}},
+    # every reduction looped over its row in blocks instead of the whole row held in registers at once
+    "model_nopr": {"compile_model": True, "inductor": {"triton.persistent_reductions": False}},
     # the partitioner recomputes cheap ops in the backward instead of saving them, down to this share of the saved bytes
     "model_mem": {"compile_model": True, "activation_memory_budget": 0.8},
     "model_fused_mlp": {"compile_model": True, "fused_mlp": True},  # FUSED_MLP=1 inside the whole graph
