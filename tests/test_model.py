@@ -700,3 +700,16 @@ def test_fa3_stand_in_for_the_record_scripts_is_causal_gqa_attention():
         fa3.flash_attn_func(q, k, v)
     with pytest.raises(AssertionError, match="only causal"):
         fa3.flash_attn_varlen_func(q[0], k[0], v[0], None, None, 40, 40, causal=True, window_size=(128, 0))
+
+
+def test_fusion_max_buffers_reaches_the_whole_model_compile(monkeypatch):
+    """FUSION_MAX_BUFFERS caps the buffers of Inductor's fused kernels in the whole-model training graph (16 by default:
+    uncapped, depth 4 fuses ~20 layers' x0 gradients into one slow kernel); 0 leaves Inductor uncapped."""
+    compiles = []
+    monkeypatch.setattr(tg.torch, "compile", lambda f, **kw: compiles.append((f, kw)) or f)
+    for value, want in ((None, 16), (24, 24), (0, None)):
+        compiles.clear()
+        h = make_h(compile=True, compile_model=True, **({} if value is None else {"fusion_max_buffers": value}))
+        tg.compiled_block_fns(h)
+        whole = [kw for f, kw in compiles if f is tg.GPT.losses]
+        assert whole == [{"dynamic": False, "fullgraph": True, "options": {"max_fusion_unique_io_buffers": want}}]
