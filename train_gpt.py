@@ -319,6 +319,8 @@ def check_config(h):
     if not 0 < h.activation_memory_budget <= 1:
         raise ConfigError(f"ACTIVATION_MEMORY_BUDGET={h.activation_memory_budget} must be in (0, 1]: the share of the "
                           "training graph's activations to keep for the backward (1: as many as the partitioner likes)")
+    if h.fusion_max_buffers < 0:
+        raise ConfigError(f"FUSION_MAX_BUFFERS={h.fusion_max_buffers} must be >= 0 (0: no cap)")
     if h.compressor == "pergroup":
         pergroup_codec()  # a missing package fails now, not after training
     if h.lqer_enabled and not (h.lqer_rank >= 1 and h.lqer_asym_group >= 1 and 2 <= h.lqer_factor_bits <= 8):

@@ -713,3 +713,5 @@ def test_fusion_max_buffers_reaches_the_whole_model_compile(monkeypatch):
         tg.compiled_block_fns(h)
         whole = [kw for f, kw in compiles if f is tg.GPT.losses]
         assert whole == [{"dynamic": False, "fullgraph": True, "options": {"max_fusion_unique_io_buffers": want}}]
+    with pytest.raises(tg.ConfigError, match=r"FUSION_MAX_BUFFERS=-1 must be >= 0"):
+        make_h(fusion_max_buffers=-1)
