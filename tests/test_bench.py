@@ -26,8 +26,12 @@ def test_profile_keeps_kernels_that_share_a_long_name_prefix_apart():
     assert cats["optimizer (all kernels)"] == 0.5 and top[("optimizer", "some_kernel")] == (0.5, 1)
 
 
-def test_compile_modes_name_real_inductor_options():
-    """A misspelt Inductor option would only fail on the GPU machine, after its start-up was paid."""
+def test_compile_modes_name_real_inductor_options_and_settings():
+    """A misspelt Inductor option or setting would only fail on the GPU machine, after its start-up was paid."""
+    import train_gpt as tg
     for mode, over in bench.COMPILE_MODES.items():
         for key in over.get("inductor", {}):
             assert hasattr(torch._inductor.config, key), (mode, key)
+        settings = {k: v for k, v in over.items() if k != "inductor"}
+        h = bench.one_gpu_h(tg, **settings)
+        assert all(getattr(h, k) == v for k, v in settings.items()), mode
