@@ -18,6 +18,7 @@ declare -A VARIANTS=(
   [beta2]="BETA2=0.99"
   [unfused_ce]="FUSED_CE_ENABLED=0"
   [compile_blocks]="COMPILE_MODEL=0"  # issue 16: the same maths, each block function its own graph (the default before 7ed6647)
+  [fusion_uncapped]="FUSION_MAX_BUFFERS=0"  # issue 16: Inductor's fused kernels without the 16-buffer cap (before f1e4480)
   [set1855]="SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 MUON_POLAR_EXPRESS=1 MIN_LR=0.1
              WARMDOWN_FRAC=0.85 BETA2=0.99 MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14.0"
   [ttt_default]=""  # #1855's TTT (rank 80, alpha 144, warm-start A, beta2 0.99); below: #1756's, then one at a time
@@ -41,7 +42,7 @@ run() {  # run VARIANT: one training run, or one TTT scoring of ARTIFACT (ttt_*)
     KEY="val_set|quantized_ttt_phased|total_eval_time"
   else
     MODE="DATA_DIR=$WORK/data ITERATIONS=${STEPS:-400} MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=393216 WARMUP_STEPS=5
-          VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=50 TTT_ENABLED=0 EMA_DECAY=$EMA"
+          VAL_LOSS_EVERY=${STEPS:-400} TRAIN_LOG_EVERY=${LOG_EVERY:-50} TTT_ENABLED=0 EMA_DECAY=$EMA"
     KEY="^[0-9]+/[0-9]+ val|post-ema|diagnostic quantized|total_bytes|peak memory"
   fi
   env $MODE SEED=$SEED RUN_ID=$NAME ARTIFACT_DIR=$WORK/$NAME ${VARIANTS[$V]} python3 "$REPO/train_gpt.py" > "$OUT/$NAME.log" 2>&1
