@@ -97,10 +97,9 @@ class Hyperparameters:
     compile_model: bool = torch.cuda.is_available()  # with COMPILE: a training step's forward+backward as one graph
     # COMPILE_MODEL: below 1, the partitioner recomputes cheap ops in the backward to keep this share of activations
     activation_memory_budget: float = 1.0
-    # COMPILE_MODEL: most buffers one fused kernel may read and write (0: no cap). Uncapped, Inductor fuses the ~20
-    # virtual layers' gradients of x0 into one norm-backward kernel at depth 4 (31 buffers, one warp per 2 rows: 6.4 ms
-    # of a 151.6 ms micro-step on an H200); capped at 16: 147.1 ms, trainer 1.144x -> 1.170x the PR #1756 script's tok/s
-    fusion_max_buffers: int = 16
+    # COMPILE_MODEL: most buffers one fused kernel may read and write (0: no cap). A cap of 16 is 2.2% faster at depth 4
+    # but splits the fp32 sum of x0's ~20 gradients into bf16-rounded parts: 0.0033 BPB worse after 200 equal steps
+    fusion_max_buffers: int = 0
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     ttt_compile_model: bool = True  # with TTT_COMPILE: the TTT forward+backward as one graph (1.7-2.1x the row tok/s)
     ttt_cuda_graphs: bool = True  # replay a long document's TTT tail steps as CUDA graphs (ChunkGraph)

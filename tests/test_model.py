@@ -703,11 +703,11 @@ def test_fa3_stand_in_for_the_record_scripts_is_causal_gqa_attention():
 
 
 def test_fusion_max_buffers_reaches_the_whole_model_compile(monkeypatch):
-    """FUSION_MAX_BUFFERS caps the buffers of Inductor's fused kernels in the whole-model training graph (16 by default:
-    uncapped, depth 4 fuses ~20 layers' x0 gradients into one slow kernel); 0 leaves Inductor uncapped."""
+    """FUSION_MAX_BUFFERS caps the buffers of Inductor's fused kernels in the whole-model training graph; by default (0)
+    Inductor is uncapped: a cap splits fp32 in-kernel sums into bf16-rounded parts (0.0033 BPB worse in 200 steps)."""
     compiles = []
     monkeypatch.setattr(tg.torch, "compile", lambda f, **kw: compiles.append((f, kw)) or f)
-    for value, want in ((None, 16), (24, 24), (0, None)):
+    for value, want in ((None, None), (16, 16), (24, 24), (0, None)):
         compiles.clear()
         h = make_h(compile=True, compile_model=True, **({} if value is None else {"fusion_max_buffers": value}))
         tg.compiled_block_fns(h)
