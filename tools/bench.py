@@ -76,7 +76,7 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     "model_io16": {"compile_model": True, "fusion_max_buffers": 16},
     "model_io24": {"compile_model": True, "fusion_max_buffers": 24},
     # reductions autotuned instead of given one heuristic config (for a 512-wide inner reduction over many rows: 2 rows
-    # per program, one warp; the kernel above holds 20+ inputs in that one warp's registers)
+    # per program, one warp; at depth 4 the x0-gradient kernel holds 20+ inputs in that one warp's registers)
     "model_atpw": {"compile_model": True, "inductor": {"max_autotune_pointwise": True}},
     # every reduction looped over its row in blocks instead of the whole row held in registers at once
     "model_nopr": {"compile_model": True, "inductor": {"triton.persistent_reductions": False}},

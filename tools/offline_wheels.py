@@ -17,8 +17,10 @@ PACKAGES = ["brotli", "bzip3==0.1.10"]
 FA4_PACKAGES = ["flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl==4.8.1", "nvidia-cutlass-dsl-libs-base==4.8.1",
                 "nvidia-cutlass-dsl-libs-core==4.8.1", "nvidia-cutlass-dsl-libs-cu13==4.8.1", "quack-kernels==0.6.5",
                 "apache-tvm-ffi==0.1.11", "torch-c-dlpack-ext", "einops"]  # the set checked with torch 2.11+cu130
-PLATFORMS = ["manylinux_2_%d_x86_64" % n for n in (17, 24, 27, 28, 31, 34, 35)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
-PTH_SUBDIR = re.compile(r"import .*?\b(\w+)\.__path__\[0\],\s*'([^']+)'")  # sys.path.insert(0, join(pkg.__path__[0], 'sub'))
+PLATFORMS = ["manylinux_2_%d_x86_64" % n for n in (17, 24, 27, 28, 31, 34, 35)]
+PLATFORMS += ["manylinux2014_x86_64", "manylinux1_x86_64"]
+# a .pth line of the form sys.path.insert(0, os.path.join(pkg.__path__[0], 'sub'))
+PTH_SUBDIR = re.compile(r"import .*?\b(\w+)\.__path__\[0\],\s*'([^']+)'")
 
 
 def split_large(path, limit):
