@@ -1,6 +1,8 @@
 """tools/bench.py's CPU-side parts: the profile table's aggregation and the compile modes a device run will ask for."""
 from types import SimpleNamespace
 
+import pytest
+import torch
 import torch._inductor.config
 
 import bench
@@ -35,3 +37,26 @@ def test_compile_modes_name_real_inductor_options_and_settings():
         settings = {k: v for k, v in over.items() if k != "inductor"}
         h = bench.one_gpu_h(tg, **settings)
         assert all(getattr(h, k) == v for k, v in settings.items()), mode
+
+
+def test_timed_sections_run_trained_looking_weights(monkeypatch):
+    """Kernel times depend on the weights (an H200 ran the same depth-1 forward+backward 6% faster at the initial,
+    zero-projection weights than after four optimizer steps), so the profile, like the training rows, must build its
+    model through trained_looking_model, whose output and down projections are not zero."""
+    import train_gpt as tg
+
+    h = bench.one_gpu_h(tg, train_batch_tokens=8 * 2048, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)
+    model = bench.trained_looking_model(tg, h, torch.device("cpu"))
+    L = h.num_layers
+    assert model.qo_bank[L:].abs().min() > 0 and model.mlp_down_bank.abs().min() > 0
+
+    class Built(Exception):
+        pass
+
+    def stop(*_):
+        raise Built
+
+    monkeypatch.setattr(bench, "trained_looking_model", stop)
+    monkeypatch.setattr(tg, "build_model", lambda *_: pytest.fail("profile_step built a zero-initialised model"))
+    with pytest.raises(Built):
+        bench.profile_step(tg, steps=1, depths=(1,))

@@ -137,7 +137,7 @@ def bench_training_mode(tg, steps, peak, backend, mode, micro, ref_grads):
 def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
     dev, rows = torch.device("cuda"), []
     torch.manual_seed(0)
-    model, fns = random_banks(tg.build_model(h, dev)), tg.compiled_block_fns(h)
+    model, fns = trained_looking_model(tg, h, dev), tg.compiled_block_fns(h)
     opt = tg.Optimizers(h, model)
     T = h.micro_batch_tokens
     toks = [synthetic_docs(T, h.vocab_size, seed=s) for s in (0, 1)]
@@ -273,16 +273,17 @@ def profile_step(tg, steps, depths=(1, 4)):
 
     dev = torch.device("cuda")
     h = one_gpu_h(tg)
-    model, fns = tg.build_model(h, dev), tg.compiled_block_fns(h)
+    model, fns = trained_looking_model(tg, h, dev), tg.compiled_block_fns(h)
     opt = tg.Optimizers(h, model)
     T = h.micro_batch_tokens
-    toks = synthetic_docs(T, h.vocab_size).cuda()
+    host = synthetic_docs(T, h.vocab_size)
+    toks = host.cuda()
     lines = []
     for depth in depths:
         fwd = tg.Fwd(depth, fns)
 
-        def fwd_bwd():
-            cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).cuda()  # per step, as the loader does
+        def fwd_bwd():  # cu built on the host per step as the loader does, and copied without a device sync
+            cu = tg.cu_seqlens_for(host[:-1].numpy(), h.train_seq_len).pin_memory().to(dev, non_blocking=True)
             with tg.autocast(dev):
                 model(toks[None, :-1], toks[None, 1:], fwd, cu).backward()
 
@@ -410,7 +411,7 @@ def bench_ttt(tg):
             key, model, fns, states = (h.ttt_compile, h.ttt_compile_model), None, None, {}
             torch.cuda.empty_cache()
             torch.manual_seed(0)
-            model, fns = tg.build_model(h, dev), tg.ttt_block_fns(h)
+            model, fns = trained_looking_model(tg, h, dev), tg.ttt_block_fns(h)
             model.requires_grad_(False)
             warm = "-"
             if h.ttt_compile:
@@ -449,6 +450,13 @@ def random_banks(model):
         for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
             p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
     return model
+
+
+def trained_looking_model(tg, h, dev):
+    """The model every timed section runs: kernel times depend on the weights, not only on the shapes (on an H200 the
+    same depth-1 forward+backward took 43.6 ms per 49,152-token micro-step at the initial weights and 46.1 ms after
+    four optimizer steps: logs/step_time_breakdown_d1_49k_h200_2026-12-03e.log), so zero projections flatter a profile."""
+    return random_banks(tg.build_model(h, dev))
 
 
 def mlp_kernel_configs(tg, x, up, down, g):
@@ -604,7 +612,7 @@ def bench_kernel_training(tg, steps, combos, depth=1):
         h = one_gpu_h(tg, compile=compiled, fused_mlp=combo[0] == "1", fused_ce_enabled=combo[1] == "1")
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model, fwd = random_banks(tg.build_model(h, dev)), tg.Fwd(depth, tg.compiled_block_fns(h))
+        model, fwd = trained_looking_model(tg, h, dev), tg.Fwd(depth, tg.compiled_block_fns(h))
         with tg.autocast(dev):
             loss = model(toks[None, :-1], toks[None, 1:], fwd, cu)
         loss.backward()
@@ -652,7 +660,7 @@ def bench_kernel_ttt(tg):
         h = tg.Hyperparameters.from_env(fused_mlp=fused, fused_ce_enabled=fused, ttt_compile=compiled)
         torch._dynamo.reset()
         torch.manual_seed(0)
-        m = random_banks(tg.build_model(h, dev))
+        m = trained_looking_model(tg, h, dev)
         m.requires_grad_(False)
         if lines is None:
             rng = np.random.default_rng(0)
