@@ -444,19 +444,16 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def random_banks(model):
-    """Trained-looking matrices: the zero-initialised output and down projections would hide attention and MLP."""
+def trained_looking_model(tg, h, dev):
+    """The model every timed section runs, its matrix banks random instead of the zero-initialised output and down
+    projections, which would hide attention and MLP and flatter kernel times: on an H200 the same depth-1
+    forward+backward took 43.6 ms per 49,152-token micro-step at the initial weights and 46.1 ms after four optimizer
+    steps (logs/step_time_breakdown_d1_49k_h200_2026-12-03e.log)."""
+    model = tg.build_model(h, dev)
     with torch.no_grad():
         for p in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
             p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)
     return model
-
-
-def trained_looking_model(tg, h, dev):
-    """The model every timed section runs: kernel times depend on the weights, not only on the shapes (on an H200 the
-    same depth-1 forward+backward took 43.6 ms per 49,152-token micro-step at the initial weights and 46.1 ms after
-    four optimizer steps: logs/step_time_breakdown_d1_49k_h200_2026-12-03e.log), so zero projections flatter a profile."""
-    return random_banks(tg.build_model(h, dev))
 
 
 def mlp_kernel_configs(tg, x, up, down, g):
