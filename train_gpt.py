@@ -234,6 +234,7 @@ class Hyperparameters:
         curriculum as ((start fraction, depth), ...)), computed once; the dataclass is frozen after this."""
         accum = self.grad_accum_steps or max(1, 8 // self.world_size)
         out, run_id = self.artifact_dir or ".", self.run_id or uuid.uuid4().hex[:12]
+        backend = attention_backend(self.attn_backend)
         datasets_dir, tokenizer = resolve_data_paths(self)
         for k, v in dict(
             run_id=run_id,
@@ -250,7 +251,10 @@ class Hyperparameters:
             val_files=os.path.join(datasets_dir, "fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin"),
             val_bytes_files=os.path.join(datasets_dir, "fineweb_val_bytes_*.bin"),
             depth_schedule=depth_schedule(self),
-            attn_backend=attention_backend(self.attn_backend),
+            attn_backend=backend,
+            # FA4 takes cu_seqlens unpadded, its length symbolic in compiled graphs (GPT.attn_args): each padding
+            # entry would add 128 rows to its backward's fp32 accumulators, which it zero-fills
+            cu_bucket=1 if backend == "fa4" else 256,
         ).items():
             object.__setattr__(self, k, v)
         check_config(self)
@@ -575,7 +579,7 @@ def load_val(h, sp):
 
 def cu_seqlens_for(tokens, max_len, bucket=256, extra_starts=()):
     """Segment starts at row start, every BOS and extra_starts, segments split at max_len; padded with the row
-    length to a multiple of `bucket` entries so that compiled kernels see few distinct shapes."""
+    length to a multiple of `bucket` entries (h.cu_bucket) so that compiled kernels see few distinct shapes."""
     n = len(tokens)
     starts = np.flatnonzero(np.asarray(tokens) == BOS_ID)
     bounds = np.unique(np.concatenate([[0], starts, np.asarray(extra_starts, dtype=np.int64), [n]]))
@@ -620,7 +624,7 @@ class TrainLoader:
         piece = np.asarray(self.tokens[a : a + self.row]).astype(np.int64)
         self.cursor += self.span
         x = torch.from_numpy(piece[:-1])
-        cu = cu_seqlens_for(piece[:-1], self.h.train_seq_len)
+        cu = cu_seqlens_for(piece[:-1], self.h.train_seq_len, self.h.cu_bucket)
         y = torch.from_numpy(piece[1:])
         if self.device.type == "cuda":
             x, y, cu = x.pin_memory(), y.pin_memory(), cu.pin_memory()
@@ -1359,6 +1363,8 @@ class GPT(nn.Module):
         if cu is not None and h.attn_backend == "flex":  # padded to whole blocks; the padding is its own segment
             ids = F.pad(ids, (0, -ids.size(1) % FLEX_BLOCK))  # (cu's padding entries are T)
             cu = packed_block_mask(cu, ids.size(1))
+        elif cu is not None and h.attn_backend == "fa4":  # unpadded (h.cu_bucket): one graph for every length
+            torch._dynamo.mark_dynamic(cu, 0)
         max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
         return ids, AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
 
@@ -2108,7 +2114,7 @@ def eval_val(h, model, val, device, fwd):
     for s in range(a, b, per_batch):
         lo, hi = s * seq, min(s + per_batch, b) * seq
         x, y = dev_tokens[lo:hi], dev_tokens[lo + 1 : hi + 1]
-        cu = cu_seqlens_for(val.tokens[lo:hi].numpy(), seq).to(device)
+        cu = cu_seqlens_for(val.tokens[lo:hi].numpy(), seq, h.cu_bucket).to(device)
         with autocast(device):
             loss = model.token_losses(x[None], y[None], fwd, cu)
         sums += torch.stack(
@@ -2141,7 +2147,7 @@ def eval_sliding(h, model, val, device, log, fwd):
             masks.append(torch.arange(s + 1, e + 1) > prev)
             starts.append(starts[-1] + e - s)
         x, y, m = torch.cat(xs), torch.cat(ys), torch.cat(masks)
-        cu = cu_seqlens_for(x.numpy(), W, extra_starts=starts[:-1]).to(device)
+        cu = cu_seqlens_for(x.numpy(), W, h.cu_bucket, starts[:-1]).to(device)
         with autocast(device):
             loss = model.token_losses(x[None].to(device), y[None].to(device), fwd, cu)[0]
         m_dev = m.to(device)
@@ -2414,7 +2420,7 @@ def global_sgd_loss(h, model, chunk, device):
         return None
     x, y = chunk[a:b], chunk[a + 1 : b + 1]
     with autocast(device):
-        cu = cu_seqlens_for(x.numpy(), seq, extra_starts=range(0, b - a, seq)).to(device)
+        cu = cu_seqlens_for(x.numpy(), seq, h.cu_bucket, range(0, b - a, seq)).to(device)
         # eager: its packed rows would need their own graphs, compiled inside the timed loop
         nll = model.token_losses(x[None].to(device), y[None].to(device), Fwd(h.eval_loop_depth), cu).sum()
     return nll * h.world_size / (nseq * seq)

@@ -431,6 +431,30 @@ def test_whole_model_compile_gives_the_block_paths_loss_and_gradients(monkeypatc
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_fa4_takes_cu_seqlens_unpadded_and_one_graph_serves_every_segment_count(monkeypatch):
+    """With FA4, cu_seqlens is not padded (h.cu_bucket = 1: each padding entry would add 128 rows to FA4's backward
+    accumulators) and its length is marked dynamic, so the whole-model graph (dynamic=False) compiles once for rows
+    of 3, 5 and 8 segments, with the eager path's loss and gradients; the other backends keep the 256-entry buckets."""
+    use_fa4(monkeypatch, ReferenceFA4)
+    model = tiny_model(depth=2, attn_backend="fa4").train()
+    assert model.h.cu_bucket == 1 and tiny_model(attn_backend="sdpa").h.cu_bucket == 256
+    graphs = []
+    whole = torch.compile(tg.GPT.losses, fullgraph=True, dynamic=False,
+                          backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    for lens in ([50, 90, 116], [20, 40, 60, 70, 66], [30] * 7 + [46]):
+        row, _ = packed_row(lens)
+        ids = row[None, :-1]
+        cu = tg.cu_seqlens_for(ids[0].numpy(), 64, model.h.cu_bucket)
+        assert cu.tolist()[-2:] != [len(row) - 1] * 2  # no padding entry
+        batch = ids, row[None, 1:], cu
+        want_loss, want = loss_and_grads(model, tg.EAGER, batch, depth=2)
+        loss, grads = loss_and_grads(model, tg.BlockFns(*tg.EAGER[:3], whole), batch, depth=2)
+        torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert len(graphs) == 1
+
+
 def test_activation_memory_budget_keeps_fewer_activations_for_the_same_gradients(monkeypatch):
     """ACTIVATION_MEMORY_BUDGET < 1: the whole-model graph, partitioned as Inductor does (min-cut), keeps fewer bytes for
     its backward (cheap ops recomputed there) and gives the same loss and gradients (randomised weights, depth 3)."""

@@ -141,7 +141,8 @@ def bench_training_run(tg, steps, peak, backend, mode, h, ref_grads):
     opt = tg.Optimizers(h, model)
     T = h.micro_batch_tokens
     toks = [synthetic_docs(T, h.vocab_size, seed=s) for s in (0, 1)]
-    batches = [(t[:-1].cuda(), t[1:].cuda(), tg.cu_seqlens_for(t[:-1].numpy(), h.train_seq_len).cuda()) for t in toks]
+    cu_of = lambda t: tg.cu_seqlens_for(t[:-1].numpy(), h.train_seq_len, h.cu_bucket).cuda()
+    batches = [(t[:-1].cuda(), t[1:].cuda(), cu_of(t)) for t in toks]
     x, y, cu = batches[0]
     init = {k: v.clone() for k, v in model.state_dict().items()}
     for depth in [int(d) for d in env_list("BENCH_DEPTHS", sorted({d for _, d in h.depth_schedule} | {1}))]:
@@ -212,7 +213,7 @@ def saved_activations(tg):
         model = tg.build_model(h, dev)
         T = h.micro_batch_tokens
         toks = synthetic_docs(T, h.vocab_size).to(dev)
-        cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len).to(dev)
+        cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len, h.cu_bucket).to(dev)
         for depth in [int(d) for d in env_list("BENCH_DEPTHS", ["4"])]:
             torch._dynamo.reset()
             fn = tg.within_memory_budget(torch.compile(tg.GPT.losses, backend=backend, fullgraph=True, dynamic=False), h)
@@ -283,7 +284,7 @@ def profile_step(tg, steps, depths=(1, 4)):
         fwd = tg.Fwd(depth, fns)
 
         def fwd_bwd():  # cu built on the host per step as the loader does, and copied without a device sync
-            cu = tg.cu_seqlens_for(host[:-1].numpy(), h.train_seq_len).pin_memory().to(dev, non_blocking=True)
+            cu = tg.cu_seqlens_for(host[:-1].numpy(), h.train_seq_len, h.cu_bucket).pin_memory().to(dev, non_blocking=True)
             with tg.autocast(dev):
                 model(toks[None, :-1], toks[None, 1:], fwd, cu).backward()
 
@@ -617,7 +618,7 @@ def bench_kernel_training(tg, steps, combos, depth=1):
 
     T = one_gpu_h(tg).micro_batch_tokens
     toks = synthetic_docs(T, one_gpu_h(tg).vocab_size).to(dev)
-    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), one_gpu_h(tg).train_seq_len).to(dev)
+    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), one_gpu_h(tg).train_seq_len, one_gpu_h(tg).cu_bucket).to(dev)
     ref = model_and_grads(False, "00")[3]
     lines = [f"| FUSED_MLP, FUSED_CE_ENABLED | compiled training step, depth {depth} ({T:,} tok) ms | tok/s | peak GiB | first "
              "step (compile) s | grad rel. diff vs plain eager: matrices | worst parameter |", "|---|---|---|---|---|---|---|"]
