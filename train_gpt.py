@@ -1069,7 +1069,8 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
         if cu is None:
             return _FA3[0](q, k, v, causal=True)
         return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
-    if backend == "fa4" and cu is not None:
+    if backend == "fa4" and cu is not None:  # k, v repeated to the query heads: FA4's GQA backward would sum dk/dv in
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # fp32 buffers it zero-fills and converts in extra kernels
         return fa4_varlen(*(t[0].contiguous() for t in (q, k, v)), cu, max_len)[0][None]
     if backend == "varlen" and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
@@ -1159,35 +1160,38 @@ def attention(a, w: BlockWeights, attn: AttnArgs, lora, cap):
     if w.gate_w is not None:  # per-head output gate on the first gate_w.size(1) input dims (all of them: dense)
         y = y * torch.sigmoid(w.gate_scale * F.linear(a[..., : w.gate_w.size(1)], w.gate_w.to(a.dtype))).unsqueeze(-1)
     y = y.reshape(B, T, H * D)
-    out = linear(y, w.wo, None, cap, "attn.proj")
+    # attn_scale (mlp_scale in mlp) scales the output matrix's rows: its gradient then comes from that d x d matrix's
+    # gradient instead of a reduction over every token, and the projection's output is not kept for it
+    out = linear(y, w.wo * w.attn_scale[:, None], None, cap, "attn.proj")
     if lora is not None and lora.o is not None:
-        out = out + lora_delta(a, lora.o).to(out.dtype)
+        out = out + (w.attn_scale * lora_delta(a, lora.o)).to(out.dtype)
     return out
 
 
 def mlp(a, w: BlockWeights, lora, cap):
+    down = w.down * w.mlp_scale[:, None]
     if w.fused_mlp and cap is None and lora is None and kernel_ok(a) and w.up.size(0) % 128 == 0 \
             and a.numel() >= FUSED_MLP_MIN_ROWS * a.size(-1):  # (the GPTQ hook sees mlp.fc's input on the plain path)
         dt = torch.bfloat16 if torch.is_autocast_enabled() else a.dtype
-        out = fused_mlp(a.flatten(0, -2).to(dt), w.up.to(dt), w.down.to(dt))[0].view_as(a)
+        out = fused_mlp(a.flatten(0, -2).to(dt), w.up.to(dt), down.to(dt))[0].view_as(a)
     else:
-        out = linear(F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square(), w.down, None, cap, "mlp.proj")
+        out = linear(F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square(), down, None, cap, "mlp.proj")
     if lora is not None and lora.mlp is not None:
-        out = out + lora_delta(a, lora.mlp).to(out.dtype)
+        out = out + (w.mlp_scale * lora_delta(a, lora.mlp)).to(out.dtype)
     return out
 
 
 def sequential_block(x, x0, w: BlockWeights, attn: AttnArgs, lora=None, cap=None):
     x_in = w.resid_mix[0].to(x.dtype) * x + w.resid_mix[1].to(x.dtype) * x0
-    x_mid = x_in + w.attn_scale.to(x.dtype) * attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
-    return x_mid + w.mlp_scale.to(x.dtype) * mlp(rms(x_mid) * w.ln_s, w, lora, cap)
+    x_mid = x_in + attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
+    return x_mid + mlp(rms(x_mid) * w.ln_s, w, lora, cap)
 
 
 def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, attn: AttnArgs, lora=None, cap=None):
     """Attention reads lane0, the MLP reads lane1 (before this layer's update); both write both lanes."""
     x_in = w.resid_mix[0].to(x0.dtype) * lane0 + w.resid_mix[1].to(x0.dtype) * x0
-    a = w.attn_scale.to(x0.dtype) * attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
-    m = w.mlp_scale.to(x0.dtype) * mlp(rms(lane1) * w.ln_s, w, lora, cap)
+    a = attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
+    m = mlp(rms(lane1) * w.ln_s, w, lora, cap)
     r, P = r.to(x0.dtype), P.to(x0.dtype)
     return r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
 

@@ -271,6 +271,7 @@ class ReferenceFA4:
     def _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, return_lse):
         assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and q.dim() == 3
         ReferenceFA4.calls += 1
+        ReferenceFA4.kv_heads = k.size(1)
         T, H, D = q.shape
         seg = segments_of(cu_seqlens_q, T)
         kv_of = torch.arange(H) // (H // k.size(1))
@@ -307,7 +308,8 @@ def use_fa4(monkeypatch, impl):
 
 def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch):
     """ATTN_BACKEND=fa4 goes through the pgolf::fa4_varlen custom op (forward, lse, backward op) and traces into a
-    compiled graph without a break; with the reference standing in for the CuTe kernels it equals the SDPA path."""
+    compiled graph without a break; with the reference standing in for the CuTe kernels it equals the SDPA path (GQA:
+    the gradients of k and v summed over the query heads that share them)."""
     use_fa4(monkeypatch, ReferenceFA4)
     tokens = [1] + [5] * 20 + [1] + [6] * 9 + [1] + [7] * 30
     T = len(tokens)
@@ -321,8 +323,9 @@ def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    torch.library.opcheck(tg.fa4_varlen, (q.detach()[0], k.detach()[0], v.detach()[0], cu, 16))
     assert ReferenceFA4.calls > 0
+    assert ReferenceFA4.kv_heads == 4  # k and v reach FA4 repeated to the query heads: no GQA backward there
+    torch.library.opcheck(tg.fa4_varlen, (q.detach()[0], k.detach()[0], v.detach()[0], cu, 16))
 
 
 def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch):
@@ -453,6 +456,31 @@ def test_fa4_takes_cu_seqlens_unpadded_and_one_graph_serves_every_segment_count(
         for a, b in zip(grads, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert len(graphs) == 1
+
+
+def test_block_keeps_no_output_projection_for_the_scale_gradients():
+    """attn_scale and mlp_scale scale the rows of the output and down matrices instead of the block's activations, so
+    the partitioned block (Inductor's min-cut) keeps one [T, d] matmul output for its backward, q's (its RMSNorm's
+    backward needs it), not also the two projections' outputs that d(scale) = sum over tokens of g * out would read."""
+    from bench import kept_for_backward
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    model = tiny_model(depth=1).train()
+    T, d, saved = 96, model.h.model_dim, []
+
+    def keep(gm, _):
+        saved.append(kept_for_backward(gm))
+        return make_boxed_func(gm.forward)
+
+    block = torch.compile(tg.sequential_block, fullgraph=True, dynamic=False, backend=aot_autograd(
+        fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor")))
+    x, x0 = (torch.randn(1, T, d, requires_grad=True) for _ in range(2))
+    w, attn = model.layer_weights()[0], model.attn_args(torch.randint(2, 64, (1, T)))[1]
+    block(x, x0, w, attn).sum().backward()
+    assert saved[0][("mm.default", (T, d), "float32")] == T * d * 4
+    assert w.attn_scale.grad.abs().sum() > 0 and w.mlp_scale.grad.abs().sum() > 0
 
 
 def test_activation_memory_budget_keeps_fewer_activations_for_the_same_gradients(monkeypatch):

@@ -9,7 +9,7 @@ BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (de
 BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt,model_io16 and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section (BENCH_DEPTHS=4 profiles only depth 4); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
-import argparse, datetime, functools, os, re, subprocess, sys, time
+import argparse, datetime, functools, math, os, re, subprocess, sys, time
 
 import numpy as np
 import torch
@@ -183,9 +183,11 @@ def kept_for_backward(gm):
     kept = {}
     for a in [n for n in gm.graph.nodes if n.op == "output"][0].args[0][1:]:
         v = a.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            key = (getattr(a.target, "__name__", str(a.target)), tuple(v.shape), str(v.dtype).split(".")[-1])
-            kept[key] = kept.get(key, 0) + v.numel() * v.element_size()
+        if isinstance(v, torch.Tensor):  # (a symbolic size, e.g. FA4's cu_seqlens length, by its name and hint)
+            shape = tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+            key = (getattr(a.target, "__name__", str(a.target)), shape, str(v.dtype).split(".")[-1])
+            numel = math.prod(d if isinstance(d, int) else d.node.hint for d in v.shape)
+            kept[key] = kept.get(key, 0) + numel * v.element_size()
     return kept
 
 
