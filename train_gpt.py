@@ -1049,7 +1049,7 @@ def fa4_unusable():
 class AttnArgs(NamedTuple):
     """How a forward attends, the same for every layer: RoPE tables, packing and kernel."""
     rope: tuple  # (cos, sin, rotated dims)
-    mask: object  # None: dense causal rows; packed row: padded cu_seqlens, or a flex BlockMask (backend flex)
+    mask: object  # None: dense causal rows; packed row: cu_seqlens (padded per h.cu_bucket), or a flex BlockMask
     max_len: int  # bound on any packed segment (varlen kernels)
     backend: str  # attention_backend()
 
@@ -1060,7 +1060,7 @@ def _repeat_kv(k, groups):
 
 def attend(q, k, v, cu, max_len, backend="sdpa"):
     """Causal attention. q [B,T,H,D], k/v [B,T,KV,D]. cu given: one packed row (B=1) attending within segments,
-    as padded cu_seqlens or as a BlockMask from packed_block_mask."""
+    as cu_seqlens (padded per h.cu_bucket) or as a BlockMask from packed_block_mask."""
     groups = q.size(-2) // k.size(-2)
     if isinstance(cu, BlockMask):
         t = lambda z: z.transpose(1, 2)
@@ -1373,7 +1373,7 @@ class GPT(nn.Module):
         return ids, AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)
 
     def hidden(self, ids, fwd: Fwd, cu=None):
-        """Final hidden state [B,T,d]. cu: the segments of one packed row (padded cu_seqlens); fwd: depth, block
+        """Final hidden state [B,T,d]. cu: the segments of one packed row (cu_seqlens_for); fwd: depth, block
         functions, TTT adapters and GPTQ hook."""
         return self.trunk(*self.attn_args(ids, cu), fwd)[:, : ids.size(1)]
 

@@ -286,7 +286,8 @@ def profile_step(tg, steps, depths=(1, 4)):
         fwd = tg.Fwd(depth, fns)
 
         def fwd_bwd():  # cu built on the host per step as the loader does, and copied without a device sync
-            cu = tg.cu_seqlens_for(host[:-1].numpy(), h.train_seq_len, h.cu_bucket).pin_memory().to(dev, non_blocking=True)
+            cu = tg.cu_seqlens_for(host[:-1].numpy(), h.train_seq_len, h.cu_bucket).pin_memory()
+            cu = cu.to(dev, non_blocking=True)
             with tg.autocast(dev):
                 model(toks[None, :-1], toks[None, 1:], fwd, cu).backward()
 
