@@ -370,13 +370,11 @@ def bench_attention():
             rows[f"flex, {name}"] = (cuda_time_ms(fwd_bwd(call)), err(call))
         except Exception as e:  # an option this torch / GPU refuses: say so, keep going
             print(f"flex {name}: {type(e).__name__}: {str(e)[:300]}")
+    unpadded = tg.cu_seqlens_for(toks[:-1].numpy(), 2048, 1).cuda()  # as the trainer gives FA4 (h.cu_bucket)
     for backend, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("varlen", tg._VARLEN)):
         if ok:
-            f = lambda b=backend: tg.attend(q, k, v, cu, 2048, b)
+            f = lambda b=backend: tg.attend(q, k, v, unpadded if b == "fa4" else cu, 2048, b)
             rows[f"{backend} varlen (doc-packed)"] = (cuda_time_ms(fwd_bwd(f)), err(f))
-    if tg._FA4:  # k and v repeated to the 8 query heads: FA4's GQA backward sums dk/dv in fp32 and converts them after
-        f = lambda: tg.attend(q, tg._repeat_kv(k, H // KV), tg._repeat_kv(v, H // KV), cu, 2048, "fa4")
-        rows["fa4 varlen, k/v repeated to 8 heads (no GQA in the kernel)"] = (cuda_time_ms(fwd_bwd(f)), err(f))
     rows["building the block mask from cu_seqlens (once per forward)"] = (cuda_time_ms(lambda: tg.packed_block_mask(cu, T)), "")
     qd, kd, vd = (t.detach().view(48, 2048, -1, D).requires_grad_() for t in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
