@@ -328,11 +328,12 @@ def test_fa4_backend_wrapper_matches_reference_forward_and_gradients(monkeypatch
     torch.library.opcheck(tg.fa4_varlen, (q.detach()[0], k.detach()[0], v.detach()[0], cu, 16))
 
 
-def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch):
+@pytest.mark.parametrize("bucket", [1, 16])  # unpadded, as the trainer gives FA4 (h.cu_bucket), and padded
+def test_fa4_backend_runs_the_model_like_sdpa(monkeypatch, bucket):
     """The model's packed path with fa4 gives the SDPA path's losses (randomised weights, a split document)."""
     use_fa4(monkeypatch, ReferenceFA4)
     tokens = torch.tensor([1] + [5, 9, 3] * 20 + [1] + [7, 2] * 15 + [1, 4, 4, 8])
-    cu = tg.cu_seqlens_for(tokens[:-1].tolist(), 32, bucket=16)
+    cu = tg.cu_seqlens_for(tokens[:-1].tolist(), 32, bucket=bucket)
     ids, tgt = tokens[None, :-1], tokens[None, 1:]
     losses, ReferenceFA4.calls = {}, 0
     for backend in ("sdpa", "fa4"):
