@@ -1367,7 +1367,7 @@ class GPT(nn.Module):
         if cu is not None and h.attn_backend == "flex":  # padded to whole blocks; the padding is its own segment
             ids = F.pad(ids, (0, -ids.size(1) % FLEX_BLOCK))  # (cu's padding entries are T)
             cu = packed_block_mask(cu, ids.size(1))
-        elif cu is not None and h.attn_backend == "fa4":  # unpadded (h.cu_bucket): one graph for every length
+        elif cu is not None and h.cu_bucket == 1:  # unpadded (FA4): one graph for every length
             torch._dynamo.mark_dynamic(cu, 0)
         max_len = max(h.train_seq_len, h.eval_seq_len, h.ttt_eval_seq_len)  # bound on any segment cu_seqlens may hold
         return ids, AttnArgs(self.rope(ids.size(1), ids.device), cu, max_len, h.attn_backend)

@@ -617,9 +617,10 @@ def bench_kernel_training(tg, steps, combos, depth=1):
         loss.backward()
         return h, model, fwd, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    T = one_gpu_h(tg).micro_batch_tokens
-    toks = synthetic_docs(T, one_gpu_h(tg).vocab_size).to(dev)
-    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), one_gpu_h(tg).train_seq_len, one_gpu_h(tg).cu_bucket).to(dev)
+    h = one_gpu_h(tg)
+    T = h.micro_batch_tokens
+    toks = synthetic_docs(T, h.vocab_size).to(dev)
+    cu = tg.cu_seqlens_for(toks[:-1].cpu().numpy(), h.train_seq_len, h.cu_bucket).to(dev)
     ref = model_and_grads(False, "00")[3]
     lines = [f"| FUSED_MLP, FUSED_CE_ENABLED | compiled training step, depth {depth} ({T:,} tok) ms | tok/s | peak GiB | first "
              "step (compile) s | grad rel. diff vs plain eager: matrices | worst parameter |", "|---|---|---|---|---|---|---|"]
