@@ -4,7 +4,8 @@
 # 786,432 tokens (8 micro-steps of 98,304 tokens: the records' per-GPU micro-batch). FA3 is replaced by
 # tools/fa3_stand_in (torch varlen_attn). Prints tok/s over steps 10-30 and the peak memory line of each; each run is
 # stopped once it has logged its peak memory (the script then goes on to EMA, GPTQ and evaluation). BATCH=393216 gives
-# issue 16's own setting (8 micro-steps of 49,152 tokens).
+# issue 16's own setting (8 micro-steps of 49,152 tokens). Time on one H200: ours 1.5 / 2.6 min at depth 1 / 4, the
+# script 4 / 8-9 min (its warm-up compiles one graph per cu_seqlens bucket: over 7 min at depth 4).
 #   [BATCH=786432] bash tools/compare_script.sh RECORD_TRAIN_GPT.py DATA_DIR OUT_DIR [DEPTH]
 #   DATA_DIR: prepare_caseops_data.py's --out (the script reads its shards through DATA_PATH)
 set -u
