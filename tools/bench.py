@@ -370,10 +370,11 @@ def bench_attention():
             rows[f"flex, {name}"] = (cuda_time_ms(fwd_bwd(call)), err(call))
         except Exception as e:  # an option this torch / GPU refuses: say so, keep going
             print(f"flex {name}: {type(e).__name__}: {str(e)[:300]}")
-    unpadded = tg.cu_seqlens_for(toks[:-1].numpy(), 2048, 1).cuda()  # as the trainer gives FA4 (h.cu_bucket)
     for backend, ok in (("fa3", tg._FA3), ("fa4", tg._FA4), ("varlen", tg._VARLEN)):
-        if ok:
-            f = lambda b=backend: tg.attend(q, k, v, unpadded if b == "fa4" else cu, 2048, b)
+        if ok:  # cu_seqlens padded as the trainer pads them for this backend (h.cu_bucket: none for FA4)
+            bucket = one_gpu_h(tg, attn_backend=backend).cu_bucket
+            c = tg.cu_seqlens_for(toks[:-1].numpy(), 2048, bucket).cuda()
+            f = lambda b=backend, c=c: tg.attend(q, k, v, c, 2048, b)
             rows[f"{backend} varlen (doc-packed)"] = (cuda_time_ms(fwd_bwd(f)), err(f))
     rows["building the block mask from cu_seqlens (once per forward)"] = (cuda_time_ms(lambda: tg.packed_block_mask(cu, T)), "")
     qd, kd, vd = (t.detach().view(48, 2048, -1, D).requires_grad_() for t in (q, k, v))
