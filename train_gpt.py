@@ -97,9 +97,9 @@ class Hyperparameters:
     compile_model: bool = torch.cuda.is_available()  # with COMPILE: a training step's forward+backward as one graph
     # COMPILE_MODEL: below 1, the partitioner recomputes cheap ops in the backward to keep this share of activations
     activation_memory_budget: float = 1.0
-    # COMPILE_MODEL: most buffers one fused kernel may read and write (0: no cap). A cap of 16 is 2.2% faster at depth 4
-    # but splits the fp32 sum of x0's ~20 gradients into bf16-rounded parts: 0.0033 BPB worse after 200 equal steps
-    fusion_max_buffers: int = 0
+    # COMPILE_MODEL: most buffers one fused kernel may read and write (0: no cap). 16 is 5% faster at depth 4: no kernel
+    # has to hold the ~20 virtual layers' x0 gradients at once; x0 is fp32, so the split sum stays fp32 (equal loss)
+    fusion_max_buffers: int = 16
     ttt_compile: bool = torch.cuda.is_available()  # compile TTT's block functions (symbolic rows/width)
     ttt_compile_model: bool = True  # with TTT_COMPILE: the TTT forward+backward as one graph (1.7-2.1x the row tok/s)
     ttt_cuda_graphs: bool = True  # replay a long document's TTT tail steps as CUDA graphs (ChunkGraph)
@@ -1069,8 +1069,7 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
         if cu is None:
             return _FA3[0](q, k, v, causal=True)
         return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
-    if backend == "fa4" and cu is not None:  # k, v repeated to the query heads: FA4's GQA backward would sum dk/dv in
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # fp32 buffers it zero-fills and converts in extra kernels
+    if backend == "fa4" and cu is not None:
         return fa4_varlen(*(t[0].contiguous() for t in (q, k, v)), cu, max_len)[0][None]
     if backend == "varlen" and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
@@ -1182,17 +1181,17 @@ def mlp(a, w: BlockWeights, lora, cap):
 
 
 def sequential_block(x, x0, w: BlockWeights, attn: AttnArgs, lora=None, cap=None):
-    x_in = w.resid_mix[0].to(x.dtype) * x + w.resid_mix[1].to(x.dtype) * x0
+    x_in = (w.resid_mix[0].to(x.dtype) * x + w.resid_mix[1].to(x.dtype) * x0).to(x.dtype)
     x_mid = x_in + attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     return x_mid + mlp(rms(x_mid) * w.ln_s, w, lora, cap)
 
 
 def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, attn: AttnArgs, lora=None, cap=None):
     """Attention reads lane0, the MLP reads lane1 (before this layer's update); both write both lanes."""
-    x_in = w.resid_mix[0].to(x0.dtype) * lane0 + w.resid_mix[1].to(x0.dtype) * x0
+    x_in = (w.resid_mix[0].to(lane0.dtype) * lane0 + w.resid_mix[1].to(lane0.dtype) * x0).to(lane0.dtype)
     a = attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     m = mlp(rms(lane1) * w.ln_s, w, lora, cap)
-    r, P = r.to(x0.dtype), P.to(x0.dtype)
+    r, P = r.to(lane0.dtype), P.to(lane0.dtype)
     return r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
 
 
@@ -1382,6 +1381,9 @@ class GPT(nn.Module):
         e = self.tok_emb(ids)
         x0 = rms(smear(e, ids, self.smear_gate_w, self.smear_lambda) if h.smear_gate_enabled else e)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
+        # x0 in fp32 (its values unchanged): every layer's share of x0's gradient, and any partial sum of them that
+        # Inductor stores between kernels (FUSION_MAX_BUFFERS splits that sum), stays fp32; the stream stays in x's dtype
+        x0 = x0.float()
         if fwd.loras and fns is not EAGER:  # every block input then requires grad: layer 0 shares the others' graph
             x.requires_grad_()
         lora = lambda slot: fwd.loras and fwd.loras[slot]

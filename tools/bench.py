@@ -6,7 +6,7 @@
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
-BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt,model_io16 and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
+BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt,model_uncapped and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section (BENCH_DEPTHS=4 profiles only depth 4); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
 import argparse, datetime, functools, math, os, re, subprocess, sys, time
@@ -72,8 +72,8 @@ COMPILE_MODES = {  # BENCH_COMPILE_MODES: how the training step is compiled
     "blocks": {"compile_model": False},  # each block function its own graph, Python glue between them (COMPILE_MODEL=0)
     "model": {"compile_model": True},  # the whole forward+backward one graph per depth (the default)
     "model_cdt": {"compile_model": True, "inductor": {"coordinate_descent_tuning": True}},  # Inductor tunes its kernels
-    # a cap on a fused kernel's buffers (FUSION_MAX_BUFFERS, none in "model"): faster at depth 4, more bf16 roundings
-    "model_io16": {"compile_model": True, "fusion_max_buffers": 16},
+    # the cap on a fused kernel's buffers (FUSION_MAX_BUFFERS, 16 in "model"): none, or a looser one
+    "model_uncapped": {"compile_model": True, "fusion_max_buffers": 0},
     "model_io24": {"compile_model": True, "fusion_max_buffers": 24},
     # reductions autotuned instead of given one heuristic config (for a 512-wide inner reduction over many rows: 2 rows
     # per program, one warp; at depth 4 the x0-gradient kernel holds 20+ inputs in that one warp's registers)
