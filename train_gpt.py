@@ -1069,7 +1069,7 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
         if cu is None:
             return _FA3[0](q, k, v, causal=True)
         return _FA3[1](q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)[None]
-    if backend == "fa4" and cu is not None:
+    if backend == "fa4" and cu is not None:  # FA4's own GQA: k/v repeated to 8 heads held 2.9 GiB more at depth 4
         return fa4_varlen(*(t[0].contiguous() for t in (q, k, v)), cu, max_len)[0][None]
     if backend == "varlen" and cu is not None:
         kw = dict(_VARLEN_CAUSAL)
@@ -1382,7 +1382,7 @@ class GPT(nn.Module):
         x0 = rms(smear(e, ids, self.smear_gate_w, self.smear_lambda) if h.smear_gate_enabled else e)
         x = x0.clone()  # not x0 itself: an aliased input would give layer 0 its own compiled graph
         # x0 in fp32 (its values unchanged): every layer's share of x0's gradient, and any partial sum of them that
-        # Inductor stores between kernels (FUSION_MAX_BUFFERS splits that sum), stays fp32; the stream stays in x's dtype
+        # Inductor stores between kernels (FUSION_MAX_BUFFERS splits the sum), stays fp32; the stream keeps x's dtype
         x0 = x0.float()
         if fwd.loras and fns is not EAGER:  # every block input then requires grad: layer 0 shares the others' graph
             x.requires_grad_()
