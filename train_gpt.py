@@ -1180,15 +1180,20 @@ def mlp(a, w: BlockWeights, lora, cap):
     return out
 
 
+def mixed_with_x0(x, x0, mix):
+    """A block's input: the stream mixed with x0 (fp32), rounded once to the stream's dtype."""
+    return (mix[0].to(x.dtype) * x + mix[1].to(x.dtype) * x0).to(x.dtype)
+
+
 def sequential_block(x, x0, w: BlockWeights, attn: AttnArgs, lora=None, cap=None):
-    x_in = (w.resid_mix[0].to(x.dtype) * x + w.resid_mix[1].to(x.dtype) * x0).to(x.dtype)
+    x_in = mixed_with_x0(x, x0, w.resid_mix)
     x_mid = x_in + attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     return x_mid + mlp(rms(x_mid) * w.ln_s, w, lora, cap)
 
 
 def parallel_block(lane0, lane1, x0, w: BlockWeights, r, P, attn: AttnArgs, lora=None, cap=None):
     """Attention reads lane0, the MLP reads lane1 (before this layer's update); both write both lanes."""
-    x_in = (w.resid_mix[0].to(lane0.dtype) * lane0 + w.resid_mix[1].to(lane0.dtype) * x0).to(lane0.dtype)
+    x_in = mixed_with_x0(lane0, x0, w.resid_mix)
     a = attention(rms(x_in) * w.ln_s, w, attn, lora, cap)
     m = mlp(rms(lane1) * w.ln_s, w, lora, cap)
     r, P = r.to(lane0.dtype), P.to(lane0.dtype)
