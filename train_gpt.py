@@ -1090,7 +1090,9 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
 
 
 def rms(x):
-    return F.rms_norm(x, (x.size(-1),))
+    # torch >= 2.12's CUDA autocast runs rms_norm in fp32 and returns fp32: cast back, or x0 and the residual stream
+    # would turn fp32 and FA3/FA4 would get fp32 q/k (the values are those of torch <= 2.11: fp32 math, input's dtype)
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 class BlockWeights(NamedTuple):
