@@ -1090,9 +1090,11 @@ def attend(q, k, v, cu, max_len, backend="sdpa"):
 
 
 def rms(x):
-    # torch >= 2.12's CUDA autocast runs rms_norm in fp32 and returns fp32: cast back, or x0 and the residual stream
-    # would turn fp32 and FA3/FA4 would get fp32 q/k (the values are those of torch <= 2.11: fp32 math, input's dtype)
-    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
+    # outside autocast: torch >= 2.12's runs rms_norm on an fp32 copy of x (kept for the backward) and returns fp32,
+    # so x0 and the residual stream would turn fp32 and FA3/FA4 would get fp32 q/k. rms_norm computes in fp32 anyway
+    # and returns x's dtype: torch <= 2.11's values
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 
 class BlockWeights(NamedTuple):

@@ -621,27 +621,28 @@ def test_x0_stays_fp32_under_a_bf16_stream(monkeypatch):
     assert abs(loss.item() - ref.item()) == 0  # the spies change nothing
 
 
-def test_rms_keeps_its_input_dtype_when_autocast_computes_it_in_fp32(monkeypatch):
-    """torch >= 2.12's CUDA autocast runs rms_norm in fp32 and returns fp32 (emulated here: CPU autocast leaves it
-    alone). rms() must still return its input's dtype with torch <= 2.11's values: else x0 and the residual stream turn
-    fp32 and attention gets fp32 q/k, which FA3/FA4 refuse."""
+def test_rms_keeps_its_input_dtype_under_an_autocast_that_computes_it_in_fp32(monkeypatch):
+    """torch >= 2.12's CUDA autocast runs rms_norm on an fp32 copy of its input and returns fp32 (emulated here under
+    the CPU's autocast, which leaves rms_norm alone). rms() runs it outside autocast: its input's dtype and torch <=
+    2.11's values, so x0 and the residual stream stay bf16 and attention gets the bf16 q/k that FA3/FA4 require."""
     rope = tg.apply_rope  # as above: CUDA's RoPE tables are bf16, the CPU's fp32 ones would promote q/k
     monkeypatch.setattr(tg, "apply_rope", lambda x, *a: rope(x, *a).to(x.dtype))
     model = tiny_model(depth=3)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16)
     ids = packed_row([40, 24])[0][None]
     x = torch.randn(6, 64).to(torch.bfloat16)
-    with torch.no_grad():
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), bf16():
         want_rms, want_loss = tg.rms(x), model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3))
     plain = torch.nn.functional.rms_norm
-    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda t, *a, **kw: plain(t.float(), *a, **kw))
-    assert plain(x, (64,)).dtype == torch.bfloat16 and torch.nn.functional.rms_norm(x, (64,)).dtype == torch.float32
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda t, *a, **kw: plain(
+        t.float() if torch.is_autocast_enabled(t.device.type) else t, *a, **kw))  # torch 2.12's policy, on the CPU
     seen, attend = [], tg.attend
     monkeypatch.setattr(tg, "attend", lambda q, k, *a, **kw: seen.append((q.dtype, k.dtype)) or attend(q, k, *a, **kw))
-    with torch.no_grad():
-        loss = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3))
-        hid = model.hidden(ids, tg.Fwd(depth=3))
-    assert tg.rms(x).dtype == torch.bfloat16 and torch.equal(tg.rms(x), want_rms)
+    with torch.no_grad(), bf16():
+        assert torch.nn.functional.rms_norm(x, (64,)).dtype == torch.float32  # the emulation bites
+        loss, hid, got_rms = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3)), model.hidden(ids, tg.Fwd(depth=3)), tg.rms(x)
+    assert got_rms.dtype == torch.bfloat16 and torch.equal(got_rms, want_rms)
     assert len(seen) == 16 and set(seen) == {(torch.bfloat16, torch.bfloat16)}
     assert hid.dtype == torch.bfloat16 and loss.item() == want_loss.item()
 
