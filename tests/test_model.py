@@ -589,13 +589,20 @@ def test_model_on_flex_equals_sdpa_path(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_x0_stays_fp32_under_a_bf16_stream(monkeypatch):
-    """With the bf16 embedding of CUDA, every block gets x0 in fp32 (so the ~20 per-layer gradient terms of x0 and
-    any partial sum of them are fp32) while the residual stream and the blocks' outputs stay bf16."""
-    rope = tg.apply_rope  # CUDA's kernels get bf16 q/k; on the CPU the fp32 RoPE tables would promote them
+def bf16_stream_model(monkeypatch):
+    """tiny_model at depth 3 with CUDA's bf16 embedding, so the residual stream is bf16 as in training; RoPE keeps
+    q/k's dtype (CUDA's tables are bf16, the CPU's fp32 ones would promote them)."""
+    rope = tg.apply_rope
     monkeypatch.setattr(tg, "apply_rope", lambda x, *a: rope(x, *a).to(x.dtype))
     model = tiny_model(depth=3)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16)
+    return model
+
+
+def test_x0_stays_fp32_under_a_bf16_stream(monkeypatch):
+    """With the bf16 embedding of CUDA, every block gets x0 in fp32 (so the ~20 per-layer gradient terms of x0 and
+    any partial sum of them are fp32) while the residual stream and the blocks' outputs stay bf16."""
+    model = bf16_stream_model(monkeypatch)
     seen = []
 
     def spy(f):
@@ -625,11 +632,7 @@ def test_rms_keeps_its_input_dtype_under_an_autocast_that_computes_it_in_fp32(mo
     """torch >= 2.12's CUDA autocast runs rms_norm on an fp32 copy of its input and returns fp32 (emulated here under
     the CPU's autocast, which leaves rms_norm alone). rms() runs it outside autocast: its input's dtype and torch <=
     2.11's values, so x0 and the residual stream stay bf16 and attention gets the bf16 q/k that FA3/FA4 require."""
-    rope = tg.apply_rope  # as above: CUDA's RoPE tables are bf16, the CPU's fp32 ones would promote q/k
-    monkeypatch.setattr(tg, "apply_rope", lambda x, *a: rope(x, *a).to(x.dtype))
-    model = tiny_model(depth=3)
-    model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16)
-    ids = packed_row([40, 24])[0][None]
+    model, ids = bf16_stream_model(monkeypatch), packed_row([40, 24])[0][None]
     x = torch.randn(6, 64).to(torch.bfloat16)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad(), bf16():
@@ -641,7 +644,8 @@ def test_rms_keeps_its_input_dtype_under_an_autocast_that_computes_it_in_fp32(mo
     monkeypatch.setattr(tg, "attend", lambda q, k, *a, **kw: seen.append((q.dtype, k.dtype)) or attend(q, k, *a, **kw))
     with torch.no_grad(), bf16():
         assert torch.nn.functional.rms_norm(x, (64,)).dtype == torch.float32  # the emulation bites
-        loss, hid, got_rms = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3)), model.hidden(ids, tg.Fwd(depth=3)), tg.rms(x)
+        loss, hid = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3)), model.hidden(ids, tg.Fwd(depth=3))
+        got_rms = tg.rms(x)
     assert got_rms.dtype == torch.bfloat16 and torch.equal(got_rms, want_rms)
     assert len(seen) == 16 and set(seen) == {(torch.bfloat16, torch.bfloat16)}
     assert hid.dtype == torch.bfloat16 and loss.item() == want_loss.item()
