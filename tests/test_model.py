@@ -589,20 +589,22 @@ def test_model_on_flex_equals_sdpa_path(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def bf16_stream_model(monkeypatch):
+def bf16_stream_model(monkeypatch, **over):
     """tiny_model at depth 3 with CUDA's bf16 embedding, so the residual stream is bf16 as in training; RoPE keeps
     q/k's dtype (CUDA's tables are bf16, the CPU's fp32 ones would promote them)."""
     rope = tg.apply_rope
     monkeypatch.setattr(tg, "apply_rope", lambda x, *a: rope(x, *a).to(x.dtype))
-    model = tiny_model(depth=3)
+    model = tiny_model(depth=3, **over)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16)
     return model
 
 
-def test_x0_stays_fp32_under_a_bf16_stream(monkeypatch):
-    """With the bf16 embedding of CUDA, every block gets x0 in fp32 (so the ~20 per-layer gradient terms of x0 and
-    any partial sum of them are fp32) while the residual stream and the blocks' outputs stay bf16."""
-    model = bf16_stream_model(monkeypatch)
+@pytest.mark.parametrize("cap", [16, 0])
+def test_x0_is_fp32_under_a_fusion_cap_and_the_stream_stays_bf16(monkeypatch, cap):
+    """With the bf16 embedding of CUDA, under FUSION_MAX_BUFFERS every block gets x0 in fp32 (so the ~20 per-layer
+    gradient terms of x0 and any partial sum of them are fp32); uncapped (0) x0 stays bf16, the faster path there.
+    Either way the residual stream and the blocks' outputs stay bf16."""
+    model, x0 = bf16_stream_model(monkeypatch, fusion_max_buffers=cap), torch.float32 if cap else torch.bfloat16
     seen = []
 
     def spy(f):
@@ -620,8 +622,8 @@ def test_x0_stays_fp32_under_a_bf16_stream(monkeypatch):
     seqs = [s for s in seen if len(s[0]) == 2]
     pars = [s for s in seen if len(s[0]) == 3]
     assert len(seqs) == 7 and len(pars) == 1  # depth 3: 8 virtual layers, the last (physical layer 3) parallel
-    assert all(ins == [torch.bfloat16, torch.float32] and outs == [torch.bfloat16] for ins, outs in seqs)
-    assert all(ins == [torch.bfloat16] * 2 + [torch.float32] and outs == [torch.bfloat16] * 2 for ins, outs in pars)
+    assert all(ins == [torch.bfloat16, x0] and outs == [torch.bfloat16] for ins, outs in seqs)
+    assert all(ins == [torch.bfloat16] * 2 + [x0] and outs == [torch.bfloat16] * 2 for ins, outs in pars)
     assert model.tok_emb.weight.grad.dtype == torch.bfloat16 and torch.isfinite(model.tok_emb.weight.grad).all()
     with torch.no_grad():
         ref = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3, fns=tg.EAGER))
