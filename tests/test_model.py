@@ -600,11 +600,11 @@ def bf16_stream_model(monkeypatch, **over):
 
 
 @pytest.mark.parametrize("cap", [16, 0])
-def test_x0_is_fp32_under_a_fusion_cap_and_the_stream_stays_bf16(monkeypatch, cap):
-    """With the bf16 embedding of CUDA, under FUSION_MAX_BUFFERS every block gets x0 in fp32 (so the ~20 per-layer
-    gradient terms of x0 and any partial sum of them are fp32); uncapped (0) x0 stays bf16, the faster path there.
-    Either way the residual stream and the blocks' outputs stay bf16."""
-    model, x0 = bf16_stream_model(monkeypatch, fusion_max_buffers=cap), torch.float32 if cap else torch.bfloat16
+def test_x0_stays_fp32_under_a_bf16_stream_with_or_without_a_fusion_cap(monkeypatch, cap):
+    """With the bf16 embedding of CUDA, every block gets x0 in fp32 (so the ~20 per-layer gradient terms of x0 and
+    any partial sum of them are fp32) while the residual stream and the blocks' outputs stay bf16. Uncapped too:
+    bf16 x0 there ended 200 equal steps at depth 1 0.0043 BPB worse."""
+    model = bf16_stream_model(monkeypatch, fusion_max_buffers=cap)
     seen = []
 
     def spy(f):
@@ -622,8 +622,8 @@ def test_x0_is_fp32_under_a_fusion_cap_and_the_stream_stays_bf16(monkeypatch, ca
     seqs = [s for s in seen if len(s[0]) == 2]
     pars = [s for s in seen if len(s[0]) == 3]
     assert len(seqs) == 7 and len(pars) == 1  # depth 3: 8 virtual layers, the last (physical layer 3) parallel
-    assert all(ins == [torch.bfloat16, x0] and outs == [torch.bfloat16] for ins, outs in seqs)
-    assert all(ins == [torch.bfloat16] * 2 + [x0] and outs == [torch.bfloat16] * 2 for ins, outs in pars)
+    assert all(ins == [torch.bfloat16, torch.float32] and outs == [torch.bfloat16] for ins, outs in seqs)
+    assert all(ins == [torch.bfloat16] * 2 + [torch.float32] and outs == [torch.bfloat16] * 2 for ins, outs in pars)
     assert model.tok_emb.weight.grad.dtype == torch.bfloat16 and torch.isfinite(model.tok_emb.weight.grad).all()
     with torch.no_grad():
         ref = model(ids[:, :-1], ids[:, 1:], tg.Fwd(depth=3, fns=tg.EAGER))

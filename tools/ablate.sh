@@ -18,7 +18,7 @@ declare -A VARIANTS=(
   [beta2]="BETA2=0.99"
   [unfused_ce]="FUSED_CE_ENABLED=0"
   [compile_blocks]="COMPILE_MODEL=0"  # issue 16: the same maths, each block function its own graph (the default before 7ed6647)
-  [fusion_uncapped]="FUSION_MAX_BUFFERS=0"  # issue 16: Inductor's fusion uncapped and x0 bf16 (the default before the cap)
+  [fusion_uncapped]="FUSION_MAX_BUFFERS=0"  # issue 16: Inductor's fusion uncapped (x0 stays fp32)
   [set1855]="SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 SPARSE_ATTN_GATE_SCALE=0.5 MUON_POLAR_EXPRESS=1 MIN_LR=0.1
              WARMDOWN_FRAC=0.85 BETA2=0.99 MLP_CLIP_SIGMAS=11.5 EMBED_CLIP_SIGMAS=14.0"
   [ttt_default]=""  # #1855's TTT (rank 80, alpha 144, warm-start A, beta2 0.99); below: #1756's, then one at a time
