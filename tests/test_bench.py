@@ -60,3 +60,29 @@ def test_timed_sections_run_trained_looking_weights(monkeypatch):
     monkeypatch.setattr(tg, "build_model", lambda *_: pytest.fail("profile_step built a zero-initialised model"))
     with pytest.raises(Built):
         bench.profile_step(tg, steps=1, depths=(1,))
+
+
+def test_kernel_gaps_split_the_launch_floor_from_waits_for_the_host():
+    """Gaps under STALL_US are the launch floor; longer ones are charged to the kernel that ended them; overlapping
+    kernels (another stream) leave no gap; the input order does not matter; figures are ms per step."""
+    kernels = [(47.0, 3.0, "fa4_fwd"), (0.0, 10.0, "a"), (12.0, 5.0, "b"), (48.0, 1.0, "overlapping"),
+               (60.0, 1.0, "fa4_fwd"), (61.5, 2.0, "c")]
+    floor, stall, after = bench.kernel_gaps(kernels, steps=2)
+    assert floor == pytest.approx((2.0 + 0.5) / 2000) and stall == pytest.approx((30.0 + 10.0) / 2000)
+    assert after == {"fa4_fwd": pytest.approx(40.0 / 2000)}
+
+
+def test_profiled_leaves_the_profilers_first_step_out():
+    """The first call runs under the profiler but is not recorded: in it the GPU waits for the profiler's start-up,
+    which would be counted as the step's own idle time. Here the first call alone runs cos: no cos may be counted."""
+    from torch.profiler import ProfilerActivity
+
+    x, calls = torch.randn(64), []
+
+    def fn():
+        (torch.cos if not calls else torch.sin)(x)
+        calls.append(1)
+
+    averages, kernels = bench.profiled(fn, steps=3, activities=[ProfilerActivity.CPU])
+    names = {e.key: e.count for e in averages}
+    assert len(calls) == 4 and "aten::cos" not in names and names["aten::sin"] == 3 and kernels == []

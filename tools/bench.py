@@ -9,7 +9,7 @@ BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (de
 BENCH_TTT_MODES=eager,compiled,whole,graphs picks the TTT loop modes (whole and graphs: bit-identity checked); BENCH_COMPILE_MODES=model,blocks,model_cdt,model_uncapped and BENCH_MICRO=49152,98304 widen the training rows (default: model, one GPU's
 share of the record step); BENCH_PROFILE_TOP=40 lists more kernels in the profile section (BENCH_DEPTHS=4 profiles only depth 4); BENCH_FLEX_VARIANTS=0 skips the flex kernel-option rows of the attention section (max-autotune alone takes ~100 s).
 """
-import argparse, datetime, functools, math, os, re, subprocess, sys, time
+import argparse, datetime, functools, json, math, os, re, subprocess, sys, tempfile, time
 
 import numpy as np
 import torch
@@ -268,12 +268,58 @@ def add_kernel_times(cats, top, part, events, steps):
         top[(part, e.key)] = (ms + us / 1000 / steps, calls + e.count // steps)
 
 
+STALL_US = 10.0  # a longer gap between two kernels: the GPU waited for the host or a sync, not for a launch
+
+
+def kernel_gaps(kernels, steps):
+    """GPU idle between consecutive kernels (kernels: (start us, duration us, name), any order), per step: ms in
+    gaps under STALL_US (the launch floor, ~2-4 us a kernel on an H200, which CUDA graphs would shrink), ms in longer
+    gaps (the host fell behind, e.g. a launch with a long Python preamble, or a sync), and {kernel after such a gap:
+    ms}, which says where the host fell behind."""
+    floor = stall = 0.0
+    after, end = {}, None
+    for ts, dur, name in sorted(kernels):
+        gap = 0.0 if end is None else ts - end
+        if gap >= STALL_US:
+            stall += gap
+            after[name] = after.get(name, 0.0) + gap / 1000 / steps
+        elif gap > 0:
+            floor += gap
+        end = ts + dur if end is None else max(end, ts + dur)
+    return floor / 1000 / steps, stall / 1000 / steps, after
+
+
+def profiled(fn, steps, activities=None):
+    """key_averages and (start us, duration us, name) of every kernel over `steps` calls of fn, after one unrecorded
+    warm-up call under the profiler: in the first profiled step the GPU waits for the host (in a 2026-12-04 trace of
+    a 45 ms depth-1 micro-step on an H200, 5.5-6.0 ms of gaps in its forward against 0.6 ms in the steps after it),
+    which would otherwise be counted as the step's own."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    out = {}
+
+    def collect(prof):
+        with tempfile.TemporaryDirectory() as d:
+            prof.export_chrome_trace(os.path.join(d, "trace.json"))
+            events = json.load(open(os.path.join(d, "trace.json")))["traceEvents"]
+        out["kernels"] = [(e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
+        out["averages"] = prof.key_averages()
+
+    with profile(activities=activities or [ProfilerActivity.CUDA], on_trace_ready=collect,
+                 schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
+        for i in range(steps + 1):
+            fn()
+            if i == steps and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.step()
+    return out["averages"], out["kernels"]
+
+
 def profile_step(tg, steps, depths=(1, 4)):
     """Per-op profile of one GPU's training step (98,304 tokens, compiled, fused CE on): GPU kernel time by category
     for forward+backward and for the optimizer step (profiled apart, so the split is exact), and the idle share
-    (step wall time minus kernel time: launch gaps, host work such as the block mask, syncs)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    (step wall time minus kernel time: launch gaps, host work such as the block mask, syncs); kernel_gaps splits the
+    profiled steps' gaps into the launch floor and the waits for the host."""
     dev = torch.device("cuda")
     h = one_gpu_h(tg)
     model, fns = trained_looking_model(tg, h, dev), tg.compiled_block_fns(h)
@@ -303,20 +349,25 @@ def profile_step(tg, steps, depths=(1, 4)):
         grads = [p.grad for p in model.parameters()]
         torch.cuda.synchronize()
         wall = cuda_time_ms(lambda: (fwd_bwd(), opt.step(0, 0.0)), iters=steps, warmup=1)
-        cats, top = {}, {}
+        cats, top, gaps = {}, {}, [0.0, 0.0, {}]
         for part, fn in (("fwd+bwd", lambda: (model.zero_grad(set_to_none=True), fwd_bwd())), ("optimizer", opt_step)):
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    fn()
-                torch.cuda.synchronize()
-            add_kernel_times(cats, top, part, prof.key_averages(), steps)
+            averages, kernels = profiled(fn, steps)
+            add_kernel_times(cats, top, part, averages, steps)
+            floor, stall, after = kernel_gaps(kernels, steps)
+            gaps[0] += floor
+            gaps[1] += stall
+            gaps[2].update({(part, k): ms for k, ms in after.items()})
         busy = sum(cats.values())
         cats["idle (launch gaps, host work, syncs)"] = max(0.0, wall - busy)
         lines += ["", f"Per-op profile, depth {depth}: one GPU's compiled training step ({T:,} tokens, 1 micro-batch), "
                   f"{wall:.1f} ms wall ({T / wall * 1000:,.0f} tok/s)", "",
                   "| category | ms per step | share |", "|---|---|---|"]
         lines += [f"| {c} | {ms:.2f} | {100 * ms / wall:.1f}% |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
+        waits = ", ".join(f"{p}: `{k[:60]}` {ms:.2f} ms" for (p, k), ms in sorted(gaps[2].items(), key=lambda kv: -kv[1])[:3])
+        lines += ["", f"GPU gaps between kernels in the profiled steps (the profiler adds some): {gaps[0]:.2f} ms in gaps "
+                  f"under {STALL_US:.0f} us (launch floor), {gaps[1]:.2f} ms in longer ones (the GPU waited for the host "
+                  f"or a sync){'; the longest before ' + waits if waits else ''}"]
         lines += ["", "| top kernels (part, name) | calls per step | ms per step |", "|---|---|---|"]
         top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
         lines += [f"| {p}: `{k[:100]}` | {n} | {ms:.2f} |" for (p, k), (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]]
