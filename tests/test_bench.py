@@ -86,3 +86,11 @@ def test_profiled_leaves_the_profilers_first_step_out():
     averages, kernels = bench.profiled(fn, steps=3, activities=[ProfilerActivity.CPU])
     names = {e.key: e.count for e in averages}
     assert len(calls) == 4 and "aten::cos" not in names and names["aten::sin"] == 3 and kernels == []
+
+
+def test_gap_summary_reports_each_part_and_where_the_host_fell_behind():
+    lines = bench.gap_summary({"fwd+bwd": (2.02, 0.5, {"fa4_fwd": 0.4, "mm": 0.1}), "optimizer": (0.1, 3.0, {})})
+    fwd = next(x for x in lines if x.startswith("- fwd+bwd:"))
+    assert "2.02 in gaps under 10 us" in fwd and "0.50 in longer ones" in fwd
+    assert fwd.index("`fa4_fwd` 0.40") < fwd.index("`mm` 0.10")
+    assert any(x.startswith("- optimizer: 0.10 in gaps") and "longest" not in x for x in lines)

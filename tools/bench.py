@@ -289,6 +289,17 @@ def kernel_gaps(kernels, steps):
     return floor / 1000 / steps, stall / 1000 / steps, after
 
 
+def gap_summary(gaps):
+    """Lines for the profile: per part ({part: kernel_gaps(...)}), ms per step in the launch floor and in waits for
+    the host, and the kernels after the longest waits."""
+    lines = ["", "GPU gaps between kernels, ms per step of the profiled steps (the profiler adds some):", ""]
+    for part, (floor, stall, after) in gaps.items():
+        top = ", ".join(f"`{k[:60]}` {ms:.2f}" for k, ms in sorted(after.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"- {part}: {floor:.2f} in gaps under {STALL_US:.0f} us (launch floor), {stall:.2f} in longer ones "
+                     f"(the GPU waited for the host or a sync){'; the longest before ' + top if top else ''}")
+    return lines
+
+
 def profiled(fn, steps, activities=None):
     """key_averages and (start us, duration us, name) of every kernel over `steps` calls of fn, after one unrecorded
     warm-up call under the profiler: in the first profiled step the GPU waits for the host (in a 2026-12-04 trace of
@@ -349,25 +360,19 @@ def profile_step(tg, steps, depths=(1, 4)):
         grads = [p.grad for p in model.parameters()]
         torch.cuda.synchronize()
         wall = cuda_time_ms(lambda: (fwd_bwd(), opt.step(0, 0.0)), iters=steps, warmup=1)
-        cats, top, gaps = {}, {}, [0.0, 0.0, {}]
+        cats, top, gaps = {}, {}, {}
         for part, fn in (("fwd+bwd", lambda: (model.zero_grad(set_to_none=True), fwd_bwd())), ("optimizer", opt_step)):
             torch.cuda.synchronize()
             averages, kernels = profiled(fn, steps)
             add_kernel_times(cats, top, part, averages, steps)
-            floor, stall, after = kernel_gaps(kernels, steps)
-            gaps[0] += floor
-            gaps[1] += stall
-            gaps[2].update({(part, k): ms for k, ms in after.items()})
+            gaps[part] = kernel_gaps(kernels, steps)
         busy = sum(cats.values())
         cats["idle (launch gaps, host work, syncs)"] = max(0.0, wall - busy)
         lines += ["", f"Per-op profile, depth {depth}: one GPU's compiled training step ({T:,} tokens, 1 micro-batch), "
                   f"{wall:.1f} ms wall ({T / wall * 1000:,.0f} tok/s)", "",
                   "| category | ms per step | share |", "|---|---|---|"]
         lines += [f"| {c} | {ms:.2f} | {100 * ms / wall:.1f}% |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
-        waits = ", ".join(f"{p}: `{k[:60]}` {ms:.2f} ms" for (p, k), ms in sorted(gaps[2].items(), key=lambda kv: -kv[1])[:3])
-        lines += ["", f"GPU gaps between kernels in the profiled steps (the profiler adds some): {gaps[0]:.2f} ms in gaps "
-                  f"under {STALL_US:.0f} us (launch floor), {gaps[1]:.2f} ms in longer ones (the GPU waited for the host "
-                  f"or a sync){'; the longest before ' + waits if waits else ''}"]
+        lines += gap_summary(gaps)
         lines += ["", "| top kernels (part, name) | calls per step | ms per step |", "|---|---|---|"]
         top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
         lines += [f"| {p}: `{k[:100]}` | {n} | {ms:.2f} |" for (p, k), (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]]
