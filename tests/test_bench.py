@@ -1,4 +1,5 @@
 """tools/bench.py's CPU-side parts: the profile table's aggregation and the compile modes a device run will ask for."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -94,3 +95,28 @@ def test_gap_summary_reports_each_part_and_where_the_host_fell_behind():
     assert "2.02 in gaps under 10 us" in fwd and "0.50 in longer ones" in fwd
     assert fwd.index("`fa4_fwd` 0.40") < fwd.index("`mm` 0.10")
     assert any(x.startswith("- optimizer: 0.10 in gaps") and "longest" not in x for x in lines)
+
+
+def test_loop_profile_times_the_trainers_whole_step(monkeypatch, prepared_data):
+    """The loop section must time what the trainer does per step, not a fixed batch: every micro-step takes a batch
+    from TrainLoader and the optimizer and the EMA update run once per step (3 warm-up, 2 timed, 1 + 2 profiled)."""
+    from conftest import tiny_env
+    import train_gpt as tg
+
+    for k, v in tiny_env(prepared_data, TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="2").items():
+        monkeypatch.setenv(k, v)
+    calls = {"batch": 0, "opt": 0, "ema": 0}
+
+    def counted(name, f):
+        def g(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return g
+
+    monkeypatch.setattr(tg.TrainLoader, "next_batch", counted("batch", tg.TrainLoader.next_batch))
+    monkeypatch.setattr(tg.Optimizers, "step", counted("opt", tg.Optimizers.step))
+    monkeypatch.setattr(tg.EMA, "update", counted("ema", tg.EMA.update))
+    lines = bench.profile_loop(tg, steps=2)
+    assert calls == {"batch": 2 * 8, "opt": 8, "ema": 8}
+    head = next(x for x in lines if x.startswith("Training-loop profile, depth 1: 2 micro-steps of 512 tokens"))
+    assert float(re.search(r"sync: ([\d.]+) ms per step", head).group(1)) > 0

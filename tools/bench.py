@@ -3,6 +3,7 @@
     python3 tools/bench.py                # throughput + attention backends, appended to docs/BENCHMARKS.md
     python3 tools/bench.py --e2e-docs FILE # + prepare FILE (500 val docs), train for --e2e-seconds, quantize, TTT-eval
     python3 tools/bench.py --sections kernels   # fused MLP / CE kernels: equivalence, timing, training and TTT on vs off
+    python3 tools/bench.py --sections loop      # the trainer's step (loader, optimizer, EMA, sync) against its kernel time
 
 Prints a table and appends it (date, GPU, torch, world size, git commit) to docs/BENCHMARKS.md.
 BENCH_BACKENDS=fa4,flex limits the training rows to those attention backends (default: every importable one);
@@ -301,7 +302,8 @@ def gap_summary(gaps):
 
 
 def profiled(fn, steps, activities=None):
-    """key_averages and (start us, duration us, name) of every kernel over `steps` calls of fn, after one unrecorded
+    """key_averages and (start us, duration us, name) of every kernel, copy and memset over `steps` calls of fn, after
+    one unrecorded
     warm-up call under the profiler: in the first profiled step the GPU waits for the host (in a 2026-12-04 trace of
     a 45 ms depth-1 micro-step on an H200, 5.5-6.0 ms of gaps in its forward against 0.6 ms in the steps after it),
     which would otherwise be counted as the step's own."""
@@ -313,7 +315,8 @@ def profiled(fn, steps, activities=None):
         with tempfile.TemporaryDirectory() as d:
             prof.export_chrome_trace(os.path.join(d, "trace.json"))
             events = json.load(open(os.path.join(d, "trace.json")))["traceEvents"]
-        out["kernels"] = [(e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
+        out["kernels"] = [(e["ts"], e["dur"], e["name"]) for e in events
+                          if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
         out["averages"] = prof.key_averages()
 
     with profile(activities=activities or [ProfilerActivity.CUDA], on_trace_ready=collect,
@@ -376,6 +379,45 @@ def profile_step(tg, steps, depths=(1, 4)):
         lines += ["", "| top kernels (part, name) | calls per step | ms per step |", "|---|---|---|"]
         top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
         lines += [f"| {p}: `{k[:100]}` | {n} | {ms:.2f} |" for (p, k), (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]]
+        print("\n".join(lines), flush=True)
+    return lines
+
+
+def profile_loop(tg, steps):
+    """The trainer's own step at the run's config (env: TRAIN_BATCH_TOKENS, DATA_DIR, ...): TrainLoader batches, the
+    micro-steps, optimizer, EMA update and the per-step sync of the wallclock check, at each of BENCH_DEPTHS (default
+    1). Wall ms per step against GPU kernel time and the GPU's gaps: what the step loses outside the kernels, where
+    profile_step (fixed batch, no loader, EMA or sync) cannot see it."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    h = tg.Hyperparameters.from_env()
+    model, fns = trained_looking_model(tg, h, dev), tg.compiled_block_fns(h)
+    opt, ema, loader = tg.Optimizers(h, model), tg.EMA(model, h.ema_decay), tg.TrainLoader(h, dev)
+    activities = None if dev.type == "cuda" else [torch.profiler.ProfilerActivity.CPU]
+    lines = []
+    for depth in [int(d) for d in env_list("BENCH_DEPTHS", ["1"])]:
+        fwd = tg.Fwd(depth, fns)
+
+        def step():
+            tg.training_step(h, model, opt, loader, dev, 0, 0.0, fwd)
+            ema.update()
+            tg.sync(dev)
+
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = 1000 * (time.perf_counter() - t0) / steps
+        averages, kernels = profiled(step, steps, activities)
+        cats, top = {}, {}
+        add_kernel_times(cats, top, "step", averages, steps)
+        busy, tokens = sum(cats.values()), h.micro_batch_tokens * h.grad_accum_steps
+        lines += ["", f"Training-loop profile, depth {depth}: {h.grad_accum_steps} micro-steps of {h.micro_batch_tokens:,} "
+                  f"tokens, optimizer, EMA, sync: {wall:.1f} ms per step unprofiled ({tokens / wall * 1000:,.0f} tok/s per "
+                  f"GPU), GPU busy {busy:.1f} ms, so {wall - busy:.1f} ms ({100 * (wall - busy) / wall:.1f}%) without a "
+                  "kernel running", "", "| category | ms per step |", "|---|---|"]
+        lines += [f"| {c} | {ms:.2f} |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
+        lines += gap_summary({"step": kernel_gaps(kernels, steps)})
         print("\n".join(lines), flush=True)
     return lines
 
@@ -766,7 +808,7 @@ def run_e2e(args, log_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels, profile, saved")
+    ap.add_argument("--sections", default="train,attention,ttt", help="comma list of train, attention, ttt, kernels, profile, loop, saved")
     ap.add_argument("--kernel-combos", default="00,10,01,11", help="kernels: FUSED_MLP/FUSED_CE_ENABLED pairs for the training rows")
     ap.add_argument("--e2e-docs", default="")
     ap.add_argument("--e2e-seconds", type=float, default=120)
@@ -803,6 +845,8 @@ def main():
         emit(saved_activations(tg), args.out)
     if "profile" in sections:
         emit(profile_step(tg, args.steps, [int(d) for d in env_list("BENCH_DEPTHS", ["1", "4"])]), args.out)
+    if "loop" in sections:
+        emit(profile_loop(tg, args.steps), args.out)
     if "kernels" in sections:
         for part in (lambda: bench_kernel_ops(tg), lambda: bench_kernel_training(tg, args.steps, args.kernel_combos.split(",")),
                      lambda: bench_kernel_ttt(tg)):
