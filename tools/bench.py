@@ -303,10 +303,9 @@ def gap_summary(gaps):
 
 def profiled(fn, steps, activities=None):
     """key_averages and (start us, duration us, name) of every kernel, copy and memset over `steps` calls of fn, after
-    one unrecorded
-    warm-up call under the profiler: in the first profiled step the GPU waits for the host (in a 2026-12-04 trace of
-    a 45 ms depth-1 micro-step on an H200, 5.5-6.0 ms of gaps in its forward against 0.6 ms in the steps after it),
-    which would otherwise be counted as the step's own."""
+    one unrecorded warm-up call under the profiler: in the first profiled step the GPU waits for the host (in a
+    2026-12-04 trace of a 45 ms depth-1 micro-step on an H200, 5.5-6.0 ms of gaps in its forward against 0.6 ms in the
+    steps after it), which would otherwise be counted as the step's own."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     out = {}
