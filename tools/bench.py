@@ -370,6 +370,7 @@ def profile_step(tg, steps, depths=(1, 4)):
             gaps[part] = kernel_gaps(kernels, steps)
         busy = sum(cats.values())
         cats["idle (launch gaps, host work, syncs)"] = max(0.0, wall - busy)
+        first = len(lines)
         lines += ["", f"Per-op profile, depth {depth}: one GPU's compiled training step ({T:,} tokens, 1 micro-batch), "
                   f"{wall:.1f} ms wall ({T / wall * 1000:,.0f} tok/s)", "",
                   "| category | ms per step | share |", "|---|---|---|"]
@@ -378,7 +379,7 @@ def profile_step(tg, steps, depths=(1, 4)):
         lines += ["", "| top kernels (part, name) | calls per step | ms per step |", "|---|---|---|"]
         top_n = int(os.environ.get("BENCH_PROFILE_TOP", "15"))
         lines += [f"| {p}: `{k[:100]}` | {n} | {ms:.2f} |" for (p, k), (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]]
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines[first:]), flush=True)  # this depth's lines: main prints them all again
     return lines
 
 
@@ -411,13 +412,14 @@ def profile_loop(tg, steps):
         cats, top = {}, {}
         add_kernel_times(cats, top, "step", averages, steps)
         busy, tokens = sum(cats.values()), h.micro_batch_tokens * h.grad_accum_steps
+        first = len(lines)
         lines += ["", f"Training-loop profile, depth {depth}: {h.grad_accum_steps} micro-steps of {h.micro_batch_tokens:,} "
                   f"tokens, optimizer, EMA, sync: {wall:.1f} ms per step unprofiled ({tokens / wall * 1000:,.0f} tok/s per "
                   f"GPU), GPU busy {busy:.1f} ms, so {wall - busy:.1f} ms ({100 * (wall - busy) / wall:.1f}%) without a "
                   "kernel running", "", "| category | ms per step |", "|---|---|"]
         lines += [f"| {c} | {ms:.2f} |" for c, ms in sorted(cats.items(), key=lambda kv: -kv[1])]
         lines += gap_summary({"step": kernel_gaps(kernels, steps)})
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines[first:]), flush=True)  # this depth's lines: main prints them all again
     return lines
 
 
