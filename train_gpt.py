@@ -863,6 +863,108 @@ def _mlp_bwd(ctx, g, _, __):
 fused_mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
 
 
+def _quack_gemms():
+    """quack-kernels (installed with flash-attn-4): CuTe DSL GEMMs whose epilogue applies LeakyReLU(0.5)^2 (forward:
+    pre and hid) or its derivative (backward: dpre, and hid again), near cuBLAS's pace on Hopper. None where absent."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import cutlass.cute as cute
+        from cutlass import const_expr
+        from cutlass.cutlass_dsl import dsl_user_op
+        from quack import activation
+        from quack.gemm_interface import gemm_act, gemm_dact
+    except Exception:
+        return None
+    packed = lambda f: lambda *a: f(*(t if isinstance(t, tuple) else (t, t) for t in a))
+    add, mul = (packed(cute.arch.add_packed_f32x2), packed(cute.arch.mul_packed_f32x2))
+
+    def ops(x):  # (x, y) pairs lower to packed f32x2 instructions, scalars to plain ones
+        return (add, mul) if const_expr(isinstance(x, tuple)) else (lambda a, b: a + b, lambda a, b: a * b)
+
+    @dsl_user_op
+    def act(x, *, loc=None, ip=None):  # m^2 with m = leaky_relu(x, 0.5) = (x + relu(x)) / 2
+        a, m = ops(x)
+        half = m(0.5, a(x, activation.relu(x, loc=loc, ip=ip)))
+        return m(half, half)
+
+    @dsl_user_op
+    def dact(x, dout, *, loc=None, ip=None):  # (dout * f'(x), f(x)): f'(x) = 2x or x/2 = m + relu(x)
+        a, m = ops(x)
+        r = activation.relu(x, loc=loc, ip=ip)
+        half = m(0.5, a(x, r))
+        return m(dout, a(half, r)), m(half, half)
+
+    activation.act_fn_map[QUACK_ACT], activation.dact_fn_map[QUACK_ACT] = act, dact
+    return gemm_act, gemm_dact
+
+
+QUACK_ACT = "pgolf_leaky_relu_sq"
+
+
+@functools.cache
+def _qcfg():  # EXPERIMENT: QUACK_TILE=tile_m,tile_n,pingpong,cluster_m,cluster_n
+    v = os.environ.get("QUACK_TILE")
+    if not v:
+        return None
+    from quack.gemm_config import GemmConfig
+    m, n, pp, cm, cn = map(int, v.split(","))
+    return GemmConfig(m, n, pingpong=bool(pp), cluster_m=cm, cluster_n=cn, is_dynamic_persistent=False, device_capacity=9)
+_QUACK = _quack_gemms()
+
+
+def quack_ok(x, w):
+    """quack's GEMMs take bf16 on Hopper (its sm90 kernels, the ones checked here); the torch expressions run elsewhere."""
+    return _QUACK is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 \
+        and x.dtype == w.dtype == torch.bfloat16 and w.size(0) % 8 == 0 and w.size(1) % 8 == 0
+
+
+@torch.library.custom_op("pgolf::quack_mlp", mutates_args=(), schema="(Tensor x, Tensor up, Tensor down) -> (Tensor, Tensor)")
+def quack_mlp(x, up, down):
+    """(hid @ down.T, pre) for x [M, d], up [N, d], down [d, N]: pre = x @ up.T and hid = leaky_relu(pre, 0.5)^2 leave
+    one quack GEMM together; the backward keeps only pre (its GEMM rebuilds hid)."""
+    if quack_ok(x, up):
+        pre, hid = _QUACK[0](x.contiguous(), up.t(), activation=QUACK_ACT, tuned=False, config=_qcfg())
+    else:
+        pre = F.linear(x, up)
+        hid = F.leaky_relu(pre, 0.5).square()
+    return F.linear(hid, down), pre
+
+
+@quack_mlp.register_fake
+def _(x, up, down):
+    return x.new_empty(x.size(0), down.size(0)), x.new_empty(x.size(0), up.size(0))
+
+
+@torch.library.custom_op("pgolf::quack_mlp_bwd", mutates_args=(),
+                         schema="(Tensor g, Tensor down, Tensor pre) -> (Tensor, Tensor)")
+def quack_mlp_bwd(g, down, pre):
+    """(dpre, hid): dpre = (g @ down) * f'(pre) and hid = f(pre) from one GEMM's epilogue."""
+    if quack_ok(g, down):
+        return _QUACK[1](g.contiguous(), down.contiguous(), pre, activation=QUACK_ACT, tuned=False, config=_qcfg())
+    f, p = torch.promote_types(g.dtype, torch.float32), pre.float()
+    return ((g @ down).to(f) * torch.where(p > 0, 2 * p, 0.5 * p)).to(g.dtype), F.leaky_relu(pre, 0.5).square()
+
+
+@quack_mlp_bwd.register_fake
+def _(g, down, pre):
+    return torch.empty_like(pre), torch.empty_like(pre)
+
+
+def _quack_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _quack_bwd(ctx, g, _):
+    x, up, down, pre = ctx.saved_tensors
+    d, hid = quack_mlp_bwd(g, down, pre)
+    return d @ up, d.t() @ x, g.t() @ hid
+
+
+quack_mlp.register_autograd(_quack_bwd, setup_context=_quack_setup)
+
+
 @torch.library.custom_op("pgolf::softcap_ce", mutates_args=(),
                          schema="(Tensor z, Tensor targets, float softcap) -> (Tensor, Tensor)")
 def softcap_ce(z, targets, softcap):
@@ -1176,7 +1278,8 @@ def mlp(a, w: BlockWeights, lora, cap):
     if w.fused_mlp and cap is None and lora is None and kernel_ok(a) and w.up.size(0) % 128 == 0 \
             and a.numel() >= FUSED_MLP_MIN_ROWS * a.size(-1):  # (the GPTQ hook sees mlp.fc's input on the plain path)
         dt = torch.bfloat16 if torch.is_autocast_enabled() else a.dtype
-        out = fused_mlp(a.flatten(0, -2).to(dt), w.up.to(dt), down.to(dt))[0].view_as(a)
+        args = a.flatten(0, -2).to(dt), w.up.to(dt), down.to(dt)
+        out = (quack_mlp if _QUACK else fused_mlp)(*args)[0].view_as(a)
     else:
         out = linear(F.leaky_relu(linear(a, w.up, None, cap, "mlp.fc"), 0.5).square(), down, None, cap, "mlp.proj")
     if lora is not None and lora.mlp is not None:
