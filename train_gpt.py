@@ -870,30 +870,26 @@ def _quack_gemms():
         return None
     try:
         import cutlass.cute as cute
-        from cutlass import const_expr
-        from cutlass.cutlass_dsl import dsl_user_op
         from quack import activation
         from quack.gemm_interface import gemm_act, gemm_dact
     except Exception:
         return None
-    packed = lambda f: lambda *a: f(*(t if isinstance(t, tuple) else (t, t) for t in a))
-    add, mul = (packed(cute.arch.add_packed_f32x2), packed(cute.arch.mul_packed_f32x2))
 
-    def ops(x):  # (x, y) pairs lower to packed f32x2 instructions, scalars to plain ones
-        return (add, mul) if const_expr(isinstance(x, tuple)) else (lambda a, b: a + b, lambda a, b: a * b)
+    # Plain functions over modules only: quack keys its kernel cache on what an epilogue's code references.
+    def act(x):  # m^2 with m = leaky_relu(x, 0.5) = (x + relu(x)) / 2; (x, y) pairs are packed f32x2 lanes
+        if isinstance(x, tuple):
+            m = cute.arch.mul_packed_f32x2((0.5, 0.5), cute.arch.add_packed_f32x2(x, activation.relu(x)))
+            return cute.arch.mul_packed_f32x2(m, m)
+        m = 0.5 * (x + activation.relu(x))
+        return m * m
 
-    @dsl_user_op
-    def act(x, *, loc=None, ip=None):  # m^2 with m = leaky_relu(x, 0.5) = (x + relu(x)) / 2
-        a, m = ops(x)
-        half = m(0.5, a(x, activation.relu(x, loc=loc, ip=ip)))
-        return m(half, half)
-
-    @dsl_user_op
-    def dact(x, dout, *, loc=None, ip=None):  # (dout * f'(x), f(x)): f'(x) = 2x or x/2 = m + relu(x)
-        a, m = ops(x)
-        r = activation.relu(x, loc=loc, ip=ip)
-        half = m(0.5, a(x, r))
-        return m(dout, a(half, r)), m(half, half)
+    def dact(x, dout):  # (dout * f'(x), f(x)): f'(x) = 2x or x/2 = m + relu(x)
+        r = activation.relu(x)
+        if isinstance(x, tuple):
+            m = cute.arch.mul_packed_f32x2((0.5, 0.5), cute.arch.add_packed_f32x2(x, r))
+            return cute.arch.mul_packed_f32x2(dout, cute.arch.add_packed_f32x2(m, r)), cute.arch.mul_packed_f32x2(m, m)
+        m = 0.5 * (x + r)
+        return dout * (m + r), m * m
 
     activation.act_fn_map[QUACK_ACT], activation.dact_fn_map[QUACK_ACT] = act, dact
     return gemm_act, gemm_dact
