@@ -47,27 +47,36 @@ def test_sign_bits_round_trip_in_the_kernel_layout():
     assert tg.pack_signs(one).tolist() == [expect]
 
 
+def mlp_case():
+    torch.manual_seed(0)
+    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
+        torch.randn(24, 128, dtype=torch.float64) / 11
+    return x, up, down, torch.randn(37, 24, dtype=torch.float64)
+
+
+def assert_plain_mlp_gradients(op, x, up, down, g):
+    """op's gradients equal autograd's of the plain MLP in fp64; in bf16 they are within the plain bf16 expression's
+    own error (both against fp64 on the same bf16 operands)."""
+    _, got = grads(op, x, up, down, g=g)
+    _, ref = grads(plain_mlp, x, up, down, g=g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
+    bf = [t.bfloat16() for t in (x, up, down)]
+    _, ob = grads(op, *bf, g=g.bfloat16())
+    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
+    _, rb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
+    assert all(rel(o, r) < 1e-2 and rel(o, r) < 1.5 * rel(p, r) for o, p, r in zip(ob, pb, rb))
+
+
 def test_fused_mlp_matches_autograd():
     """The forward is the plain MLP; the backward rebuilds f'(pre) from hid and one sign bit per hidden unit: exact
     in fp64, within bf16 rounding in bf16 (no worse than the plain expression's own bf16 autograd, both against
     fp64). It keeps hid and the bits, not the pre-activation, and hands no gradient to them."""
-    torch.manual_seed(0)
-    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
-        torch.randn(24, 128, dtype=torch.float64) / 11
-    g = torch.randn(37, 24, dtype=torch.float64)
+    x, up, down, g = mlp_case()
     out, hid, bits = tg.fused_mlp(x, up, down)
     pre = F.linear(x, up)
     assert torch.equal(out, plain_mlp(x, up, down)) and torch.equal(hid, F.leaky_relu(pre, 0.5).square())
     assert torch.equal(tg.unpack_signs(bits), pre < 0) and (pre < 0).any() and not (pre < 0).all()
-    fused = lambda *t: tg.fused_mlp(*t)[0]
-    _, got = grads(fused, x, up, down, g=g)
-    _, ref = grads(plain_mlp, x, up, down, g=g)
-    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
-    bf = [t.bfloat16() for t in (x, up, down)]
-    _, fb = grads(fused, *bf, g=g.bfloat16())
-    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
-    _, qb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
-    assert all(rel(f, q) < 1e-2 and rel(f, q) < 1.5 * rel(p, q) for f, p, q in zip(fb, pb, qb))
+    assert_plain_mlp_gradients(lambda *t: tg.fused_mlp(*t)[0], x, up, down, g)
     xs = x.detach().requires_grad_()
     _, hid, bits = tg.fused_mlp(xs, up, down)
     assert not hid.requires_grad and not bits.requires_grad
@@ -77,22 +86,11 @@ def test_quack_mlp_matches_autograd():
     """quack's op (its torch path off Hopper): the forward is the plain MLP and hands out the pre-activation, the only
     tensor its backward keeps besides the inputs; the backward's dpre = (g @ down) * f'(pre) and hid = f(pre) give
     autograd's gradients, exact in fp64 and within the plain bf16 expression's own error in bf16."""
-    torch.manual_seed(0)
-    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
-        torch.randn(24, 128, dtype=torch.float64) / 11
-    g = torch.randn(37, 24, dtype=torch.float64)
+    x, up, down, g = mlp_case()
     out, pre = tg.quack_mlp(x, up, down)
     assert torch.equal(out, plain_mlp(x, up, down)) and torch.equal(pre, F.linear(x, up))
     assert (pre < 0).any() and not (pre < 0).all()
-    quack = lambda *t: tg.quack_mlp(*t)[0]
-    _, got = grads(quack, x, up, down, g=g)
-    _, ref = grads(plain_mlp, x, up, down, g=g)
-    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
-    bf = [t.bfloat16() for t in (x, up, down)]
-    _, qb = grads(quack, *bf, g=g.bfloat16())
-    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
-    _, rb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
-    assert all(rel(q, r) < 1e-2 and rel(q, r) < 1.5 * rel(p, r) for q, p, r in zip(qb, pb, rb))
+    assert_plain_mlp_gradients(lambda *t: tg.quack_mlp(*t)[0], x, up, down, g)
     assert not tg.quack_mlp(x.requires_grad_(), up, down)[1].requires_grad
 
 
