@@ -47,30 +47,118 @@ def test_sign_bits_round_trip_in_the_kernel_layout():
     assert tg.pack_signs(one).tolist() == [expect]
 
 
+def mlp_case():
+    torch.manual_seed(0)
+    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
+        torch.randn(24, 128, dtype=torch.float64) / 11
+    return x, up, down, torch.randn(37, 24, dtype=torch.float64)
+
+
+def assert_plain_mlp_gradients(op, x, up, down, g):
+    """op's gradients equal autograd's of the plain MLP in fp64; in bf16 they are within the plain bf16 expression's
+    own error (both against fp64 on the same bf16 operands)."""
+    _, got = grads(op, x, up, down, g=g)
+    _, ref = grads(plain_mlp, x, up, down, g=g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
+    bf = [t.bfloat16() for t in (x, up, down)]
+    _, ob = grads(op, *bf, g=g.bfloat16())
+    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
+    _, rb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
+    assert all(rel(o, r) < 1e-2 and rel(o, r) < 1.5 * rel(p, r) for o, p, r in zip(ob, pb, rb))
+
+
 def test_fused_mlp_matches_autograd():
     """The forward is the plain MLP; the backward rebuilds f'(pre) from hid and one sign bit per hidden unit: exact
     in fp64, within bf16 rounding in bf16 (no worse than the plain expression's own bf16 autograd, both against
     fp64). It keeps hid and the bits, not the pre-activation, and hands no gradient to them."""
-    torch.manual_seed(0)
-    x, up, down = torch.randn(37, 24, dtype=torch.float64), torch.randn(128, 24, dtype=torch.float64) / 5, \
-        torch.randn(24, 128, dtype=torch.float64) / 11
-    g = torch.randn(37, 24, dtype=torch.float64)
+    x, up, down, g = mlp_case()
     out, hid, bits = tg.fused_mlp(x, up, down)
     pre = F.linear(x, up)
     assert torch.equal(out, plain_mlp(x, up, down)) and torch.equal(hid, F.leaky_relu(pre, 0.5).square())
     assert torch.equal(tg.unpack_signs(bits), pre < 0) and (pre < 0).any() and not (pre < 0).all()
-    fused = lambda *t: tg.fused_mlp(*t)[0]
-    _, got = grads(fused, x, up, down, g=g)
-    _, ref = grads(plain_mlp, x, up, down, g=g)
-    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, ref))
-    bf = [t.bfloat16() for t in (x, up, down)]
-    _, fb = grads(fused, *bf, g=g.bfloat16())
-    _, pb = grads(plain_mlp, *bf, g=g.bfloat16())
-    _, qb = grads(plain_mlp, *(t.double() for t in bf), g=g.bfloat16().double())
-    assert all(rel(f, q) < 1e-2 and rel(f, q) < 1.5 * rel(p, q) for f, p, q in zip(fb, pb, qb))
+    assert_plain_mlp_gradients(lambda *t: tg.fused_mlp(*t)[0], x, up, down, g)
     xs = x.detach().requires_grad_()
     _, hid, bits = tg.fused_mlp(xs, up, down)
     assert not hid.requires_grad and not bits.requires_grad
+
+
+def test_quack_mlp_matches_autograd():
+    """quack's op (its torch path off Hopper): the forward is the plain MLP and hands out the pre-activation, the only
+    tensor its backward keeps besides the inputs; the backward's dpre = (g @ down) * f'(pre) and hid = f(pre) give
+    autograd's gradients, exact in fp64 and within the plain bf16 expression's own error in bf16."""
+    x, up, down, g = mlp_case()
+    out, pre = tg.quack_mlp(x, up, down)
+    assert torch.equal(out, plain_mlp(x, up, down)) and torch.equal(pre, F.linear(x, up))
+    assert (pre < 0).any() and not (pre < 0).all()
+    assert_plain_mlp_gradients(lambda *t: tg.quack_mlp(*t)[0], x, up, down, g)
+    assert not tg.quack_mlp(x.requires_grad_(), up, down)[1].requires_grad
+
+
+def _stub_quack(monkeypatch, gemm_act=None, gemm_dact=None):
+    """Stand-ins for cutlass.cute and quack whose relu and packed f32x2 ops run on Python floats (pairs as tuples),
+    so that the activation train_gpt registers in quack's tables can be evaluated here."""
+    import sys
+    import types
+    pair = lambda f: lambda a, b: tuple(f(u, v) for u, v in zip(a, b))
+    arch = types.SimpleNamespace(add_packed_f32x2=pair(lambda u, v: u + v), mul_packed_f32x2=pair(lambda u, v: u * v))
+    mods = {"cutlass": types.ModuleType("cutlass"), "cutlass.cute": types.ModuleType("cutlass.cute"),
+            "quack": types.ModuleType("quack"), "quack.activation": types.ModuleType("quack.activation"),
+            "quack.gemm_interface": types.ModuleType("quack.gemm_interface")}
+    mods["cutlass.cute"].arch = arch
+    mods["cutlass"].cute = mods["cutlass.cute"]
+    act = mods["quack.activation"]
+    act.relu = lambda x: tuple(max(v, 0.0) for v in x) if isinstance(x, tuple) else max(x, 0.0)
+    act.act_fn_map, act.dact_fn_map = {}, {}
+    mods["quack"].activation = act
+    mods["quack.gemm_interface"].gemm_act, mods["quack.gemm_interface"].gemm_dact = gemm_act, gemm_dact
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return act
+
+
+def test_quack_epilogue_is_leaky_relu_squared_and_its_derivative(monkeypatch):
+    """The functions train_gpt registers as quack's epilogue: act(x) = leaky_relu(x, 0.5)^2 and dact(x, dout) =
+    (dout * f'(x), f(x)), for single values and for packed (x, y) pairs, against the formula and a central difference."""
+    def gemm_act():
+        pass
+
+    def gemm_dact():
+        pass
+
+    stub = _stub_quack(monkeypatch, gemm_act, gemm_dact)
+    assert tg._quack_gemms() == (gemm_act, gemm_dact)
+    act, dact = stub.act_fn_map[tg.QUACK_ACT], stub.dact_fn_map[tg.QUACK_ACT]
+    f = lambda x: (x if x > 0 else 0.5 * x) ** 2
+    for x in (-3.0, -0.5, 0.0, 0.25, 2.0):
+        assert act(x) == pytest.approx(f(x), abs=1e-15)
+        dx, fx = dact(x, 1.5)
+        assert fx == pytest.approx(f(x), abs=1e-15)
+        assert dx == pytest.approx(1.5 * (f(x + 1e-6) - f(x - 1e-6)) / 2e-6, rel=1e-6, abs=1e-5)
+    assert act((-2.0, 3.0)) == pytest.approx((1.0, 9.0))
+    dx, fx = dact((-2.0, 3.0), (1.0, 2.0))
+    assert dx == pytest.approx((-1.0, 12.0)) and fx == pytest.approx((1.0, 9.0))
+
+
+def test_quack_failure_names_the_way_out(monkeypatch):
+    """A quack GEMM that fails (an unsupported GPU, CUDA or install) stops in the warm-up with QUACK_MLP=0 named."""
+    def broken(*a, **k):
+        raise TypeError("no kernel for this GPU")
+
+    monkeypatch.setattr(tg, "_QUACK", (broken, broken))
+    monkeypatch.setattr(tg, "quack_ok", lambda x, w: True)
+    with pytest.raises(RuntimeError, match="quack .*TypeError: no kernel for this GPU; QUACK_MLP=0 runs our Triton"):
+        tg.quack_mlp(torch.randn(4, 8), torch.randn(16, 8), torch.randn(8, 16))
+
+
+def test_kernels_line_names_the_mlp_kernels(monkeypatch):
+    h = make_h()
+    assert f"fused_mlp:{'triton' if tg.KERNELS_ON else '0'} " in tg.kernels_line(h)
+    assert "fused_mlp:0 " in tg.kernels_line(make_h(fused_mlp=False))
+    monkeypatch.setattr(tg, "_QUACK", (None, None))  # importable
+    assert "fused_mlp:quack " in tg.kernels_line(h) and tg.mlp_op(h) is tg.quack_mlp
+    assert "fused_mlp:triton " in tg.kernels_line(make_h(quack_mlp=False)).replace(":0 ", ":triton ")
+    assert tg.mlp_op(make_h(quack_mlp=False)) is tg.fused_mlp and tg.mlp_op(make_h(fused_mlp=False)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -122,14 +210,16 @@ def model():
     return m
 
 
-def _run(m, fused, monkeypatch):
-    """Training loss + gradients and TTT-style losses (adapters, head LoRA, gathered columns) of one batch."""
+def _run(m, fused, monkeypatch, quack=False):
+    """Training loss + gradients and TTT-style losses (adapters, head LoRA, gathered columns) of one batch; quack:
+    quack's op (its torch path) takes the MLP, as where quack-kernels is importable."""
     m = copy.deepcopy(m)
     m.h = dataclasses.replace(m.h, fused_mlp=fused, fused_ce_enabled=fused)  # the same weights, other kernel flags
     monkeypatch.setattr(tg, "kernel_ok", lambda x: True)  # CPU tensors through the ops' torch paths
     monkeypatch.setattr(tg, "FUSED_MLP_MIN_ROWS", 64)  # this batch's 64 rows take the fused MLP
+    monkeypatch.setattr(tg, "_QUACK", (None, None) if quack else None)
     called = []
-    for name in ("fused_mlp", "softcap_ce"):
+    for name in ("fused_mlp", "quack_mlp", "softcap_ce"):
         real = getattr(tg, name)
         monkeypatch.setattr(tg, name, lambda *a, real=real, name=name: called.append(name) or real(*a))
     g = torch.Generator().manual_seed(5)
@@ -138,30 +228,32 @@ def _run(m, fused, monkeypatch):
     loss = m(ids, y, tg.Fwd(2))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
-    mlp_calls = called.count("fused_mlp")
+    mlp_calls = len(called) - called.count("softcap_ce")
     m.token_losses(ids[:1], y[:1], tg.Fwd(2))  # 32 rows: under FUSED_MLP_MIN_ROWS, plain
-    assert called.count("fused_mlp") == mlp_calls
+    assert len(called) - called.count("softcap_ce") == mlp_calls
     loras, head, _ = tg.new_adapters(m.h, m, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
     with torch.no_grad():
         head[1].normal_(0, 0.3, generator=g)
     cols = torch.stack([torch.arange(8, 16), torch.arange(20, 28)])
     ttt = m.token_losses(ids, y, tg.Fwd(2, tg.EAGER, loras, head), cols=cols)
     ttt.sum().backward()
-    assert called.count("fused_mlp") == mlp_calls  # TTT's calls (adapters) run plain: host-bound there
+    assert len(called) - called.count("softcap_ce") == mlp_calls  # TTT's calls (adapters) run plain: host-bound there
     return loss.detach(), grads, ttt.detach(), head[1].grad, set(called)
 
 
 def test_call_sites_use_the_ops_with_the_plain_results(model, monkeypatch):
-    """mlp() and head_losses() with the flags on (the ops' torch paths standing in for the kernels) give the plain
-    path's loss, gradients and TTT scores; the MLP op only for calls of FUSED_MLP_MIN_ROWS rows or more and without
+    """mlp() and head_losses() with the flags on (the ops' torch paths standing in for the kernels: our MLP op, or
+    quack's) give the plain path's loss, gradients and TTT scores; the MLP op only for calls of FUSED_MLP_MIN_ROWS rows or more and without
     adapters; off CUDA the real kernel_ok keeps the plain path."""
-    fused = _run(model, True, monkeypatch)
     plain = _run(model, False, monkeypatch)
-    assert fused[4] == {"fused_mlp", "softcap_ce"} and plain[4] == set()
-    assert torch.allclose(fused[0], plain[0], rtol=1e-6) and torch.allclose(fused[2], plain[2], rtol=1e-5, atol=1e-6)
-    assert fused[1].keys() == plain[1].keys()
-    assert all(torch.allclose(fused[1][k], plain[1][k], rtol=1e-4, atol=1e-6) for k in plain[1])
-    assert torch.allclose(fused[3], plain[3], rtol=1e-4, atol=1e-6)
+    assert plain[4] == set()
+    for quack in (False, True):
+        fused = _run(model, True, monkeypatch, quack)
+        assert fused[4] == {"quack_mlp" if quack else "fused_mlp", "softcap_ce"}
+        assert torch.allclose(fused[0], plain[0], rtol=1e-6) and torch.allclose(fused[2], plain[2], rtol=1e-5, atol=1e-6)
+        assert fused[1].keys() == plain[1].keys()
+        assert all(torch.allclose(fused[1][k], plain[1][k], rtol=1e-4, atol=1e-6) for k in plain[1])
+        assert torch.allclose(fused[3], plain[3], rtol=1e-4, atol=1e-6)
     assert not REAL_KERNEL_OK(torch.ones(1, dtype=torch.bfloat16))
 
 

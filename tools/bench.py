@@ -242,8 +242,8 @@ def saved_activations(tg):
 
 KERNEL_CATEGORIES = (  # first match wins; names are matched lower-cased
     ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
+    ("fused MLP/CE (ours)", ("_mlp_mm", "_ce_fwd", "_ce_bwd", "quack")),  # (quack's GEMMs carry the MLP's activation)
     ("matmul", ("gemm", "wgmma", "nvjet", "cutlass", "xmma", "matmul", "cublas")),
-    ("fused MLP/CE (ours)", ("_mlp_mm", "_ce_fwd", "_ce_bwd")),
     ("communication", ("nccl",)),
     ("memcpy/memset", ("memcpy", "memset")),
     ("elementwise/norm/reduction", ("triton_", "elementwise", "reduce", "vectorized", "unrolled", "cat", "index")),
@@ -604,6 +604,30 @@ def mlp_kernel_configs(tg, x, up, down, g):
     return lines
 
 
+def quack_gemms(tg, x, up, down, g):
+    """quack's two GEMMs (QUACK_MLP) alone: forward (x @ up.T -> pre, hid) and backward (g @ down, pre -> dpre, hid),
+    time and errors against fp32, beside the plain bf16 expressions' errors."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    M, d, N = x.size(0), x.size(1), up.size(0)
+    act, dact = tg._QUACK
+    fwd = lambda: act(x, up.t(), activation=tg.QUACK_ACT, tuned=False)
+    pre, hid = fwd()
+    bwd = lambda: dact(g, down, pre, activation=tg.QUACK_ACT, tuned=False)
+    dpre, hid2 = bwd()
+    p32 = F.linear(x.float(), up.float())
+    f = lambda p: F.leaky_relu(p, 0.5).square()
+    ref_d = torch.where(p32 > 0, 2 * p32, 0.5 * p32) * (g.float() @ down.float())
+    plain_d = (g @ down).float() * torch.where(pre > 0, 2 * pre.float(), 0.5 * pre.float())
+    tf = lambda ms: f"{2 * M * d * N / ms / 1e9:.0f}"
+    t_f, t_b = (do_bench(fn, return_mode="median") for fn in (fwd, bwd))
+    return ["", f"quack's GEMMs ({M:,} x {d} -> {N:,}, default config): forward {t_f:.3f} ms ({tf(t_f)} TFLOP/s), "
+            f"backward {t_b:.3f} ms ({tf(t_b)}); rel. errors against fp32: pre {rel_err(pre, p32):.1e}, hid "
+            f"{rel_err(hid, f(p32)):.1e} (the plain bf16 expression's {rel_err(f(p32.bfloat16()), f(p32)):.1e}), dpre "
+            f"{rel_err(dpre, ref_d):.1e} (plain {rel_err(plain_d.bfloat16(), ref_d):.1e}), the backward's hid "
+            f"{rel_err(hid2, f(p32)):.1e}", ""]
+
+
 def bench_kernel_ops(tg):
     """train_gpt.py's fused kernels (FUSED_MLP, FUSED_CE_ENABLED) against the plain expressions on random bf16 data at the
     training shapes (49,152 tokens x 512 -> 2,048; logits 49,152 x 8,192): relative error of outputs and gradients
@@ -641,14 +665,14 @@ def bench_kernel_ops(tg):
         ms = do_bench(fwd_bwd, grad_to_none=leaves, return_mode="median")
         return [out] + grads, ms, do_bench(fwd, return_mode="median"), mem
 
-    def compare(name, make_fn, leaves, g, ref):
+    def compare(name, make_fn, leaves, g, ref, paths=(("plain", False), ("fused", True))):
         rows = []
-        for fused in (False, True):
+        for path, arg in paths:
             for compiled in (False, True):
                 torch._dynamo.reset()
-                fn = torch.compile(make_fn(fused), dynamic=False, fullgraph=True) if compiled else make_fn(fused)
+                fn = torch.compile(make_fn(arg), dynamic=False, fullgraph=True) if compiled else make_fn(arg)
                 vals, ms, ms_fwd, mem = timed(fn, leaves, g)
-                rows.append(f"| {name} | {'fused' if fused else 'plain'} | {'compiled' if compiled else 'eager'} | "
+                rows.append(f"| {name} | {path} | {'compiled' if compiled else 'eager'} | "
                             f"{ms:.3f} | {ms_fwd:.3f} | {mem:.2f} | " + " / ".join(f"{rel_err(v, r):.1e}" for v, r in zip(vals, ref)) + " |")
                 print(rows[-1], flush=True)
         return rows
@@ -665,9 +689,13 @@ def bench_kernel_ops(tg):
     out = F.linear(F.leaky_relu(F.linear(r[0], r[1]), 0.5).square(), r[2])
     out.backward(g.float())
     ref = [out.detach()] + [t.grad for t in r]
-    blk = lambda u, w, fused: tg.BlockWeights(None, None, None, None, u, w, None, None, None, None, None, None, False, fused)
-    lines += compare("MLP up+act+down", lambda fused: lambda a, u, w: tg.mlp(a, blk(u, w, fused), None, None), [a, up, down], g, ref)
+    blk = lambda u, w, op: tg.BlockWeights(None, None, None, None, u, w, None, None, None, None, None, None, False, op)
+    paths = [("plain", None), ("triton", tg.fused_mlp)] + [("quack", tg.quack_mlp)] * bool(tg._QUACK)
+    lines += compare("MLP up+act+down", lambda op: lambda a, u, w: tg.mlp(a, blk(u, w, op), None, None), [a, up, down], g,
+                     ref, paths)
     lines += mlp_kernel_configs(tg, a.detach()[0], up.detach().bfloat16(), down.detach().bfloat16(), g[0])
+    if tg._QUACK:
+        lines += quack_gemms(tg, a.detach()[0], up.detach().bfloat16(), down.detach().bfloat16(), g[0])
     del r, out, ref
     hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     emb = (torch.randn(V, d, device=dev) * 0.35).bfloat16().requires_grad_()  # logits ~ N(0, 8^2): some saturate
