@@ -41,3 +41,16 @@ def test_install_refuses_an_empty_folder_with_the_fix(tmp_path):
     r = subprocess.run([sys.executable, TOOL, "install", str(tmp_path / "wheels"), str(tmp_path / "site")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no wheels in" in r.stderr and "offline_wheels.py download" in r.stderr
+
+
+def test_install_wants_a_site_packages_target_for_quack(tmp_path):
+    """quack-kernels' GEMMs fail at their first call from outside a site-packages folder: refused before unpacking."""
+    src = tmp_path / "wheels"
+    src.mkdir()
+    wheel(src / "quack_kernels-0.6.5-py3-none-any.whl", {"quack/__init__.py": ""})
+    run = lambda target: subprocess.run([sys.executable, TOOL, "install", str(src), str(target)], capture_output=True,
+                                        text=True)
+    r = run(tmp_path / "site")
+    assert r.returncode != 0 and "site-packages" in r.stderr and not (tmp_path / "site").exists()
+    r = run(tmp_path / "py" / "site-packages")
+    assert r.returncode == 0 and (tmp_path / "py" / "site-packages" / "quack" / "__init__.py").exists(), r.stderr

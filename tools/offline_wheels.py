@@ -3,6 +3,10 @@
     python3 tools/offline_wheels.py download DIR [--fa4] [--split-mb 48]   # where pip reaches an index
     python3 tools/offline_wheels.py install DIR TARGET                      # on the GPU machine; then PYTHONPATH=TARGET
 
+TARGET must be a folder named site-packages (e.g. /tmp/py/site-packages) when the wheels include quack-kernels: quack
+fingerprints the code its GEMM epilogues reference and treats only code under a site-packages folder as installed;
+from anywhere else its GEMMs fail at their first call (`... has no fail-closed semantic key`).
+
 download fetches train_gpt.py's optional packages that a CUDA torch image lacks (brotli, bzip3; with --fa4
 flash-attn-4 and its CuTe DSL stack for torch cu13) as CPython 3.12 x86-64 wheels, and splits any file over
 --split-mb into NAME.partNN pieces (for transfers with a size cap). install joins the pieces and unpacks every wheel
@@ -67,6 +71,10 @@ def install(src, target):
     wheels = sorted(glob.glob(os.path.join(src, "*.whl")))
     if not wheels:
         sys.exit(f"error: no wheels in {src}: run `python3 tools/offline_wheels.py download {src}` where pip works")
+    if any(os.path.basename(w).startswith("quack_kernels") for w in wheels) \
+            and os.path.basename(os.path.normpath(target)) != "site-packages":
+        sys.exit(f"error: {target} is not a folder named site-packages, which quack-kernels needs (its GEMMs fail from "
+                 f"anywhere else): use e.g. {os.path.join(target, 'site-packages')}")
     os.makedirs(target, exist_ok=True)
     for whl in wheels:
         with zipfile.ZipFile(whl) as z:
