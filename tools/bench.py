@@ -561,7 +561,7 @@ def trained_looking_model(tg, h, dev):
 def mlp_kernel_configs(tg, x, up, down, g):
     """Each autotune candidate of the MLP matmul kernel alone, forward (x @ up.T -> hid, sign bits) and backward
     (g @ down -> dpre), against cuBLAS's plain matmul and the compiled plain expressions (matmul + LeakyReLU^2; matmul +
-    its backward), with the forward's errors against fp32."""
+    its backward), with the errors against fp32; where importable, quack's two GEMMs (QUACK_MLP) the same way."""
     import torch.nn.functional as F
     from triton.testing import do_bench
     M, d, N = x.size(0), x.size(1), up.size(0)
@@ -596,36 +596,23 @@ def mlp_kernel_configs(tg, x, up, down, g):
     tg._mlp_mm(x, up)  # autotune again over every candidate, for best_config below
     d_k = tg._mlp_mm(g, down.t(), hid, signs)
     ref_d = dpre(g.float(), down.float(), pre)
+    ref_hid = F.leaky_relu(pre, 0.5).square()
     miss = neg != (pre < 0)
-    lines += ["", f"autotune's choice: {kern.best_config}; hid rel. error {rel_err(hid, F.leaky_relu(pre, 0.5).square()):.1e}, "
+    lines += ["", f"autotune's choice: {kern.best_config}; hid rel. error {rel_err(hid, ref_hid):.1e}, "
               f"dpre rel. error {rel_err(d_k, ref_d):.1e} (the plain bf16 expression's: "
               f"{rel_err(plain_bwd(g, down, pre_b), ref_d):.1e}); sign mismatches {miss.sum().item()} "
               f"(all at |pre| < 1e-3: {bool((miss <= (pre.abs() < 1e-3)).all())})", ""]
+    if tg._QUACK:  # forward: x @ up.T -> pre, hid; backward: g @ down, pre -> dpre, hid again
+        act, dact = tg._QUACK
+        q_fwd = lambda: act(x, up.t(), activation=tg.QUACK_ACT, tuned=False)
+        q_pre, q_hid = q_fwd()
+        q_bwd = lambda: dact(g, down, q_pre, activation=tg.QUACK_ACT, tuned=False)
+        q_d, q_hid2 = q_bwd()
+        t_f, t_b = (do_bench(fn, return_mode="median") for fn in (q_fwd, q_bwd))
+        lines += [f"quack's GEMMs (default config): forward {t_f:.3f} ms ({tf(t_f)} TFLOP/s), backward {t_b:.3f} ms "
+                  f"({tf(t_b)}); rel. errors: pre {rel_err(q_pre, pre):.1e}, hid {rel_err(q_hid, ref_hid):.1e}, dpre "
+                  f"{rel_err(q_d, ref_d):.1e}, the backward's hid {rel_err(q_hid2, ref_hid):.1e}", ""]
     return lines
-
-
-def quack_gemms(tg, x, up, down, g):
-    """quack's two GEMMs (QUACK_MLP) alone: forward (x @ up.T -> pre, hid) and backward (g @ down, pre -> dpre, hid),
-    time and errors against fp32, beside the plain bf16 expressions' errors."""
-    import torch.nn.functional as F
-    from triton.testing import do_bench
-    M, d, N = x.size(0), x.size(1), up.size(0)
-    act, dact = tg._QUACK
-    fwd = lambda: act(x, up.t(), activation=tg.QUACK_ACT, tuned=False)
-    pre, hid = fwd()
-    bwd = lambda: dact(g, down, pre, activation=tg.QUACK_ACT, tuned=False)
-    dpre, hid2 = bwd()
-    p32 = F.linear(x.float(), up.float())
-    f = lambda p: F.leaky_relu(p, 0.5).square()
-    ref_d = torch.where(p32 > 0, 2 * p32, 0.5 * p32) * (g.float() @ down.float())
-    plain_d = (g @ down).float() * torch.where(pre > 0, 2 * pre.float(), 0.5 * pre.float())
-    tf = lambda ms: f"{2 * M * d * N / ms / 1e9:.0f}"
-    t_f, t_b = (do_bench(fn, return_mode="median") for fn in (fwd, bwd))
-    return ["", f"quack's GEMMs ({M:,} x {d} -> {N:,}, default config): forward {t_f:.3f} ms ({tf(t_f)} TFLOP/s), "
-            f"backward {t_b:.3f} ms ({tf(t_b)}); rel. errors against fp32: pre {rel_err(pre, p32):.1e}, hid "
-            f"{rel_err(hid, f(p32)):.1e} (the plain bf16 expression's {rel_err(f(p32.bfloat16()), f(p32)):.1e}), dpre "
-            f"{rel_err(dpre, ref_d):.1e} (plain {rel_err(plain_d.bfloat16(), ref_d):.1e}), the backward's hid "
-            f"{rel_err(hid2, f(p32)):.1e}", ""]
 
 
 def bench_kernel_ops(tg):
@@ -694,8 +681,6 @@ def bench_kernel_ops(tg):
     lines += compare("MLP up+act+down", lambda op: lambda a, u, w: tg.mlp(a, blk(u, w, op), None, None), [a, up, down], g,
                      ref, paths)
     lines += mlp_kernel_configs(tg, a.detach()[0], up.detach().bfloat16(), down.detach().bfloat16(), g[0])
-    if tg._QUACK:
-        lines += quack_gemms(tg, a.detach()[0], up.detach().bfloat16(), down.detach().bfloat16(), g[0])
     del r, out, ref
     hidden = torch.randn(1, M, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     emb = (torch.randn(V, d, device=dev) * 0.35).bfloat16().requires_grad_()  # logits ~ N(0, 8^2): some saturate
