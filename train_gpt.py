@@ -871,8 +871,9 @@ fused_mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
 
 def _quack_gemms():
     """quack-kernels (installed with flash-attn-4): CuTe DSL GEMMs whose epilogue applies LeakyReLU(0.5)^2 (forward:
-    pre and hid) or its derivative (backward: dpre, and hid again), near cuBLAS's pace on Hopper. None where absent."""
-    if not torch.cuda.is_available():
+    pre and hid) or its derivative (backward: dpre, and hid again), near cuBLAS's pace on Hopper. None where absent or
+    not on Hopper (its sm90 kernels, the ones checked here), so that FUSED_MLP keeps our Triton kernels there."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return None
     try:
         import cutlass.cute as cute

@@ -94,7 +94,7 @@ def test_quack_mlp_matches_autograd():
     assert not tg.quack_mlp(x.requires_grad_(), up, down)[1].requires_grad
 
 
-def _stub_quack(monkeypatch, gemm_act=None, gemm_dact=None):
+def _stub_quack(monkeypatch, gemm_act=None, gemm_dact=None, capability=(9, 0)):
     """Stand-ins for cutlass.cute and quack whose relu and packed f32x2 ops run on Python floats (pairs as tuples),
     so that the activation train_gpt registers in quack's tables can be evaluated here."""
     import sys
@@ -114,6 +114,7 @@ def _stub_quack(monkeypatch, gemm_act=None, gemm_dact=None):
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     return act
 
 
@@ -138,6 +139,13 @@ def test_quack_epilogue_is_leaky_relu_squared_and_its_derivative(monkeypatch):
     assert act((-2.0, 3.0)) == pytest.approx((1.0, 9.0))
     dx, fx = dact((-2.0, 3.0), (1.0, 2.0))
     assert dx == pytest.approx((-1.0, 12.0)) and fx == pytest.approx((1.0, 9.0))
+
+
+def test_quack_is_not_taken_off_hopper(monkeypatch):
+    """quack is checked on Hopper only: on another GPU _quack_gemms registers nothing and returns None, so FUSED_MLP
+    runs our Triton kernels there and the kernel line does not name quack."""
+    stub = _stub_quack(monkeypatch, lambda: None, lambda: None, capability=(10, 0))
+    assert tg._quack_gemms() is None and not stub.act_fn_map
 
 
 def test_quack_failure_names_the_way_out(monkeypatch):
